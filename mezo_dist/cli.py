@@ -1,0 +1,41 @@
+"""parse -> init -> train -> teardown, with bad input reported as one line."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+from mezo_dist.errors import ConfigError
+
+
+def _say(msg: str) -> None:
+    # Every rank validates the same input; one copy of the message is enough.
+    if os.environ.get("RANK", "0") == "0":
+        print(f"mezo_dist: error: {msg}", file=sys.stderr, flush=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    from mezo_dist.config import parse_args
+
+    try:
+        cfg = parse_args(argv)
+    except ConfigError as e:
+        _say(str(e))
+        return 2
+
+    from mezo_dist.distributed import init_distributed, teardown
+    from mezo_dist.train import train
+
+    state = None
+    try:
+        state = init_distributed(use_deepspeed=cfg.run.backend == "zero3")
+        summary = train(cfg, state)
+        if state.is_main:
+            print(f"done: {summary['steps']} steps on {summary['backend']} x{summary['world_size']}; "
+                  f"model in {cfg.run.output_dir}/final", flush=True)
+        return 0
+    except ConfigError as e:
+        _say(str(e))
+        return 2
+    finally:
+        teardown()

@@ -1,0 +1,158 @@
+"""Command-line arguments, grouped by concern, with Hugging Face / MeZO-reference flag names.
+
+Validation happens here, before any process group starts, and raises :class:`ConfigError`
+with one line that names the problem.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+from mezo_dist.errors import ConfigError
+
+BACKENDS = ("single", "fsdp", "zero3")
+SCHEDULES = ("constant", "linear")
+
+
+@dataclass
+class ModelArguments:
+    model_name_or_path: Optional[str] = field(
+        default=None, metadata={"help": "A hub model id or a local folder of any AutoModelForCausalLM."}
+    )
+    torch_dtype: str = field(default="float32", metadata={"help": "Parameter dtype.", "choices": ["float32", "bfloat16", "float16"]})
+    trust_remote_code: bool = field(default=False, metadata={"help": "Allow model code from the hub (off unless asked)."})
+
+
+@dataclass
+class DataArguments:
+    train_file: Optional[str] = field(default=None, metadata={"help": "JSON Lines with a 'text' field (causal-LM loss)."})
+    max_length: int = field(default=128, metadata={"help": "Truncate each example to this many tokens."})
+
+
+@dataclass
+class ZOArguments:
+    learning_rate: float = field(default=1e-6, metadata={"help": "MeZO learning rate."})
+    zo_eps: float = field(default=1e-3, metadata={"help": "Perturbation scale eps."})
+    weight_decay: float = field(default=0.0, metadata={"help": "Weight decay (not on biases and norm weights)."})
+    lr_scheduler_type: str = field(default="constant", metadata={"help": "Learning-rate schedule.", "choices": list(SCHEDULES)})
+    warmup_steps: int = field(default=0, metadata={"help": "Linear warmup steps."})
+
+
+@dataclass
+class RunArguments:
+    backend: Optional[str] = field(
+        default=None,
+        metadata={"help": "Model placement; default: zero3 with --ds_config or under accelerate's DeepSpeed, "
+                  "fsdp under accelerate's FSDP, else single.", "choices": list(BACKENDS)},
+    )
+    ds_config: Optional[str] = field(default=None, metadata={"help": "DeepSpeed config (JSON, ZeRO stage 3)."})
+    output_dir: str = field(default="outputs/run", metadata={"help": "Where outputs go."})
+    max_steps: int = field(default=100, metadata={"help": "Number of optimisation steps."})
+    per_device_train_batch_size: int = field(default=8, metadata={"help": "Micro-batch per rank."})
+    seed: int = field(default=0, metadata={"help": "Run seed: data order and every step's perturbation seed."})
+    logging_steps: int = field(default=10, metadata={"help": "Log loss, throughput and memory every N steps."})
+    save_steps: int = field(default=0, metadata={"help": "Save a gathered Hugging Face checkpoint every N steps (0: only at the end)."})
+    report_to: str = field(default="tensorboard", metadata={"help": "Trackers.", "choices": ["tensorboard", "none"]})
+    disable_tqdm: bool = field(default=False, metadata={"help": "No progress bar."})
+    local_rank: int = field(default=-1, metadata={"help": "Set by the deepspeed launcher; the environment is what counts."})
+
+
+@dataclass
+class TrainConfig:
+    model: ModelArguments
+    data: DataArguments
+    zo: ZOArguments
+    run: RunArguments
+
+
+def parse_args(argv: list[str] | None = None) -> TrainConfig:
+    from transformers import HfArgumentParser
+
+    parser = HfArgumentParser((ModelArguments, DataArguments, ZOArguments, RunArguments))
+    model, data, zo, run = parser.parse_args_into_dataclasses(args=argv)
+    cfg = TrainConfig(model=model, data=data, zo=zo, run=run)
+    resolve_backend(cfg)
+    validate(cfg)
+    return cfg
+
+
+def resolve_backend(cfg: TrainConfig) -> None:
+    """Pick the placement: the flag, else what the ds_config or the accelerate launcher implies."""
+    run = cfg.run
+    if run.ds_config is None and os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true":
+        run.ds_config = os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE") or None
+        if run.ds_config is None:
+            raise ConfigError("accelerate launched with DeepSpeed but without deepspeed_config_file; point it to ds_configs/zero3.json")
+        if run.backend is None:
+            run.backend = "zero3"
+    if run.backend is None:
+        if run.ds_config is not None:
+            run.backend = "zero3"
+        elif os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true":
+            run.backend = "fsdp"
+        else:
+            run.backend = "single"
+
+
+def _positive(name: str, value: float, *, strict: bool = True) -> None:
+    bad = not math.isfinite(value) or (value <= 0 if strict else value < 0)
+    if bad:
+        raise ConfigError(f"--{name} must be {'> 0' if strict else '>= 0'}, got {value}")
+
+
+def validate(cfg: TrainConfig) -> None:
+    run, zo = cfg.run, cfg.zo
+    if run.backend not in BACKENDS:
+        raise ConfigError(f"unknown backend {run.backend!r}; choose one of {', '.join(BACKENDS)}")
+    if cfg.model.model_name_or_path is None:
+        raise ConfigError("--model_name_or_path is required")
+    _positive("zo_eps", zo.zo_eps)
+    _positive("learning_rate", zo.learning_rate, strict=False)
+    _positive("weight_decay", zo.weight_decay, strict=False)
+    if run.per_device_train_batch_size < 1:
+        raise ConfigError(f"--per_device_train_batch_size must be >= 1, got {run.per_device_train_batch_size}")
+    if run.max_steps < 0:
+        raise ConfigError(f"--max_steps must be >= 0, got {run.max_steps}")
+    if cfg.data.max_length < 2:
+        raise ConfigError(f"--max_length must be >= 2, got {cfg.data.max_length}")
+    for name in ("logging_steps", "save_steps", "warmup_steps"):
+        obj = zo if name == "warmup_steps" else run
+        if getattr(obj, name) < 0:
+            raise ConfigError(f"--{name} must be >= 0, got {getattr(obj, name)}")
+    if run.backend == "zero3":
+        read_ds_config(run.ds_config)
+    elif run.ds_config is not None:
+        raise ConfigError(f"--ds_config is for the zero3 backend, not {run.backend}")
+    if cfg.data.train_file is None:
+        raise ConfigError("--train_file is required")
+    from mezo_dist.data import read_jsonl
+    from mezo_dist.models import check_model_path
+
+    read_jsonl(cfg.data.train_file)
+    check_model_path(cfg.model.model_name_or_path)
+
+
+def read_ds_config(path: str | None) -> dict[str, Any]:
+    """Read and check a DeepSpeed config for the forward-only ZeRO-3 engine."""
+    if path is None:
+        raise ConfigError("the zero3 backend needs --ds_config (for example ds_configs/zero3.json)")
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"ds_config {path} does not exist")
+    try:
+        cfg = json.loads(p.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ConfigError(f"ds_config {path} is not readable JSON: {e}") from None
+    if not isinstance(cfg, dict):
+        raise ConfigError(f"ds_config {path} must hold a JSON object")
+    stage = cfg.get("zero_optimization", {}).get("stage")
+    if stage != 3:
+        raise ConfigError(f"ds_config {path} has ZeRO stage {stage}; the zero3 backend needs stage 3")
+    if "optimizer" in cfg:
+        raise ConfigError(f"ds_config {path} defines an optimizer; MeZO's ZeRO-3 engine must be forward-only")
+    return cfg

@@ -1,0 +1,114 @@
+"""Explicit distributed state: built once from the launcher's environment, passed everywhere.
+
+``torchrun``, ``deepspeed`` and ``accelerate launch`` all export RANK, WORLD_SIZE, LOCAL_RANK,
+MASTER_ADDR and MASTER_PORT, so reading the environment is what makes one entry point work under
+each of them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Iterator
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class DistState:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+    backend: str  # "nccl" on CUDA, "gloo" on CPU; "" when no process group is used
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1 or dist.is_initialized()
+
+
+def env_world() -> tuple[int, int, int]:
+    """(rank, world_size, local_rank) as the launcher exported them; (0, 1, 0) without one."""
+    rank = int(os.environ.get("RANK", "0"))
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    return rank, world, local
+
+
+def default_device(local_rank: int) -> torch.device:
+    if torch.cuda.is_available():
+        return torch.device("cuda", local_rank % torch.cuda.device_count())
+    return torch.device("cpu")
+
+
+def init_distributed(*, use_deepspeed: bool = False, timeout_s: int = 1800) -> DistState:
+    """Start the process group when the launcher asked for more than one process.
+
+    With ``use_deepspeed`` the group is started through ``deepspeed.init_distributed`` so that
+    DeepSpeed's communication layer wraps it (ZeRO-3 needs that even with one process).
+    """
+    rank, world, local = env_world()
+    device = default_device(local)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    if use_deepspeed:
+        import deepspeed
+
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", "29500")
+        os.environ.setdefault("RANK", str(rank))
+        os.environ.setdefault("WORLD_SIZE", str(world))
+        os.environ.setdefault("LOCAL_RANK", str(local))
+        deepspeed.init_distributed(dist_backend=backend, timeout=timedelta(seconds=timeout_s))
+    elif world > 1 and not dist.is_initialized():
+        dist.init_process_group(backend=backend, timeout=timedelta(seconds=timeout_s))
+    if not dist.is_initialized():
+        backend = ""
+    return DistState(rank=rank, world_size=world, local_rank=local, device=device, backend=backend)
+
+
+def teardown() -> None:
+    """Barrier then destroy: without it gloo sometimes aborts at interpreter exit."""
+    if dist.is_available() and dist.is_initialized():
+        with contextlib.suppress(Exception):
+            dist.barrier()
+        dist.destroy_process_group()
+
+
+def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    """Sum ``t`` over all ranks in place (no-op without a process group)."""
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t
+
+
+@contextlib.contextmanager
+def main_process_first(state: DistState) -> Iterator[None]:
+    """Let rank 0 do a cached one-time job (a download, a conversion) before the others."""
+    if state.distributed and not state.is_main:
+        dist.barrier()
+    yield
+    if state.distributed and state.is_main:
+        dist.barrier()
+
+
+def current_state() -> DistState:
+    """The state of an already started process group (for users who started their own)."""
+    rank, world, local = env_world()
+    if dist.is_initialized():
+        rank, world = dist.get_rank(), dist.get_world_size()
+        backend = str(dist.get_backend())
+    else:
+        backend = ""
+    device = default_device(local)
+    if backend == "gloo":
+        device = torch.device("cpu")
+    return DistState(rank=rank, world_size=world, local_rank=local, device=device, backend=backend)

@@ -1,0 +1,102 @@
+"""What a run reports: the trajectory (one JSON line per step), TensorBoard, a progress bar.
+
+Everything here writes on rank 0 only; other ranks hold a logger that does nothing but take part
+in the collective that gathers per-rank peak memory.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from mezo_dist.distributed import DistState
+
+
+def peak_memory_bytes(device: torch.device) -> int:
+    """Peak memory of this rank: device allocations on CUDA, resident set size on CPU."""
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device))
+    # ru_maxrss is in KiB on Linux.
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
+
+
+def gather_peak_memory(state: DistState) -> list[int]:
+    mine = peak_memory_bytes(state.device)
+    if not (dist.is_initialized() and state.world_size > 1):
+        return [mine]
+    out: list[Any] = [None] * state.world_size
+    dist.all_gather_object(out, mine)
+    return [int(x) for x in out]
+
+
+class RunLogger:
+    def __init__(self, state: DistState, output_dir: str, *, max_steps: int, tensorboard: bool, progress: bool) -> None:
+        self.state = state
+        self.main = state.is_main
+        self.out = Path(output_dir)
+        self._traj = None
+        self._tb = None
+        self._bar = None
+        if not self.main:
+            return
+        self.out.mkdir(parents=True, exist_ok=True)
+        self._traj = open(self.out / "trajectory.jsonl", "w", encoding="utf-8")
+        if tensorboard:
+            from torch.utils.tensorboard import SummaryWriter  # imported only when enabled
+
+            self._tb = SummaryWriter(log_dir=str(self.out / "tensorboard"))
+        if progress:
+            from tqdm.auto import tqdm
+
+            self._bar = tqdm(total=max_steps, desc="mezo", dynamic_ncols=True, file=sys.stderr)
+
+    def trajectory(self, row: dict[str, Any]) -> None:
+        if self._traj is not None:
+            self._traj.write(json.dumps(row) + "\n")
+            self._traj.flush()
+
+    def scalars(self, step: int, values: dict[str, float]) -> None:
+        if self._tb is not None:
+            for k, v in values.items():
+                self._tb.add_scalar(k, v, step)
+
+    def progress(self, postfix: dict[str, float]) -> None:
+        if self._bar is not None:
+            self._bar.update(1)
+            self._bar.set_postfix({k: f"{v:.4g}" for k, v in postfix.items()}, refresh=False)
+
+    def memory(self, step: int) -> list[int]:
+        """Collective: every rank must call it at the same steps."""
+        peaks = gather_peak_memory(self.state)
+        for r, b in enumerate(peaks):
+            self.scalars(step, {f"memory/peak_gib_rank{r}": b / 2**30})
+        return peaks
+
+    def write_json(self, name: str, obj: Any) -> None:
+        if self.main:
+            atomic_write_text(self.out / name, json.dumps(obj, indent=2) + "\n")
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+        if self._tb is not None:
+            self._tb.close()
+        if self._traj is not None:
+            self._traj.close()
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write then rename: readers see the old file or the new one, never half of one."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)

@@ -1,0 +1,67 @@
+"""Loading models and tokenizers: a hub name or a local folder, any ``AutoModelForCausalLM``."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from mezo_dist.errors import ConfigError
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def check_model_path(name_or_path: str) -> None:
+    """Fail early on a local path that does not exist; a bare ``org/name`` is left to the hub."""
+    p = Path(name_or_path).expanduser()
+    if p.exists():
+        if not p.is_dir() or not (p / "config.json").exists():
+            raise ConfigError(f"model folder {name_or_path} has no config.json")
+        return
+    is_hub_id = re.fullmatch(r"[\w.-]+(/[\w.-]+)?", name_or_path) is not None and not name_or_path.startswith(".")
+    if not is_hub_id:
+        raise ConfigError(f"model path {name_or_path} does not exist")
+
+
+def load_config(name_or_path: str, *, trust_remote_code: bool = False):
+    from transformers import AutoConfig
+
+    return AutoConfig.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+
+
+def load_tokenizer(name_or_path: str, *, trust_remote_code: bool = False):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+    if tok.pad_token is None:
+        # Causal LMs often ship without a pad token; padded positions are masked out anyway.
+        tok.pad_token = tok.eos_token
+    tok.padding_side = "right"
+    return tok
+
+
+def load_pretrained(name_or_path: str, *, dtype: torch.dtype, trust_remote_code: bool = False) -> nn.Module:
+    """The whole model on CPU (or under ``zero.Init`` when a ZeRO-3 config is active)."""
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(name_or_path, dtype=dtype, trust_remote_code=trust_remote_code)
+
+
+def empty_model(name_or_path: str, *, dtype: torch.dtype, trust_remote_code: bool = False) -> nn.Module:
+    """The model's structure with parameters on the meta device; buffers stay real.
+
+    Buffers computed at construction (rotary frequencies) are not in the checkpoint, so they
+    must not be left on meta.
+    """
+    from accelerate import init_empty_weights
+    from transformers import AutoModelForCausalLM
+
+    config = load_config(name_or_path, trust_remote_code=trust_remote_code)
+    with init_empty_weights(include_buffers=False):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
+    # from_config leaves tied embeddings as two parameters; one parameter must carry both names
+    # or the two copies would be perturbed apart.
+    model.tie_weights()
+    return model

@@ -1,0 +1,88 @@
+"""The one interface between the MeZO step and wherever the model lives.
+
+A MeZO step needs three things from a placement:
+  1. the trainable parameters as this rank holds them (:class:`Piece`): a flat, in-place editable
+     view of the local elements and their offset inside the full flattened parameter;
+  2. a callable model to run forward on this rank's micro-batch;
+  3. a sum all-reduce of a small tensor across the ranks that see different data.
+Everything engine-specific (DTensor shards, ZeRO-3 partitions and persistent parameters, plain
+replicas) stays behind it, so the step cannot tell one placement from another.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from mezo_dist.distributed import DistState, all_reduce_sum
+
+
+@dataclass(frozen=True)
+class Piece:
+    """The elements of one trainable parameter that this rank edits.
+
+    Attributes:
+        name: the parameter's name in the unwrapped model (the same under every placement).
+        local: a 1-D view of the local elements; editing it in place edits the model.
+        offset: index of ``local[0]`` in the flattened full parameter.
+        full_numel: number of elements of the full parameter.
+        decay: whether weight decay applies (matrices yes; biases and norm weights no).
+        shard: True for a piece of a sharded parameter, False for a full replica.
+    """
+
+    name: str
+    local: torch.Tensor
+    offset: int
+    full_numel: int
+    decay: bool
+    shard: bool
+
+
+def decays(full_shape: torch.Size | tuple[int, ...]) -> bool:
+    # Biases and norm weights are the 1-D parameters; the reference exempts them from decay.
+    return len(full_shape) >= 2
+
+
+class Placement(ABC):
+    """A model placed on this rank. Subclasses: single, fsdp, zero3."""
+
+    name: str = "base"
+
+    def __init__(self, model: nn.Module, state: DistState) -> None:
+        self.model = model
+        self.state = state
+
+    @abstractmethod
+    def pieces(self) -> list[Piece]:
+        """The trainable elements this rank edits, ready for in-place edits right now.
+
+        Called before every pass over the parameters: an engine may have gathered or released
+        parameters during the forward in between.
+        """
+
+    def after_edit(self) -> None:
+        """Called after each pass over :meth:`pieces`; engines with mirrored copies resync here."""
+
+    @property
+    def module(self) -> nn.Module:
+        """The unwrapped model (a ``PreTrainedModel`` for the launch path)."""
+        return self.model
+
+    def forward(self, **batch: Any) -> Any:
+        return self.model(**batch)
+
+    def all_reduce_sum(self, t: torch.Tensor) -> torch.Tensor:
+        """Sum over the ranks that hold different data. One collective."""
+        return all_reduce_sum(t)
+
+    def eval(self) -> None:
+        # Forward passes of MeZO must be deterministic: dropout off.
+        self.model.eval()
+
+    @abstractmethod
+    def full_state_dict(self) -> dict[str, torch.Tensor] | None:
+        """Gather the whole model: a CPU state dict on rank 0, ``None`` elsewhere. Collective."""

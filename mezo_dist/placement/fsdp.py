@@ -1,0 +1,124 @@
+"""PyTorch FSDP2: ``fully_shard`` on each transformer block, then on the root.
+
+Every parameter becomes a DTensor sharded on dim 0; this rank edits the rows it holds (its
+``to_local()`` piece), which are one contiguous range of the flattened parameter.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, set_model_state_dict
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+from torch.distributed.tensor import DTensor, Replicate, Shard
+from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+from mezo_dist.distributed import DistState
+from mezo_dist.placement.base import Piece, Placement, decays
+
+
+def block_classes(model: nn.Module) -> set[str]:
+    """Class names of the repeated blocks, as Hugging Face declares them for splitting."""
+    names = set(getattr(model, "_no_split_modules", None) or [])
+    if not names:
+        raise ValueError(f"{type(model).__name__} declares no _no_split_modules; cannot find its blocks to shard")
+    return names
+
+
+def apply_fully_shard(
+    model: nn.Module, mesh: DeviceMesh, *, reshard_after_forward: bool = True, mp: MixedPrecisionPolicy | None = None
+) -> nn.Module:
+    """Shard each block, then the root, in place (torchtitan's order)."""
+    kwargs = {"mesh": mesh, "reshard_after_forward": reshard_after_forward}
+    if mp is not None:
+        kwargs["mp_policy"] = mp
+    blocks = block_classes(model)
+    for module in list(model.modules()):
+        if type(module).__name__ in blocks:
+            fully_shard(module, **kwargs)
+    fully_shard(model, **kwargs)
+    return model
+
+
+def make_mesh(state: DistState) -> DeviceMesh:
+    return init_device_mesh(state.device.type, (state.world_size,), mesh_dim_names=("shard",))
+
+
+def load_full_state_dict(model: nn.Module, full_sd: dict[str, torch.Tensor] | None) -> None:
+    """Rank 0 passes the whole state dict; every rank receives only its shards. Collective."""
+    set_model_state_dict(
+        model,
+        full_sd or {},
+        options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True, strict=False),
+    )
+
+
+def _flat_offset(p: DTensor) -> int:
+    for placement in p.placements:
+        if not (isinstance(placement, Replicate) or (isinstance(placement, Shard) and placement.dim == 0)):
+            # Rows of dim 0 are one contiguous range of the flat parameter; other splits are not.
+            raise NotImplementedError(f"MeZO on FSDP2 needs dim-0 sharding, got {p.placements}")
+    _, global_offset = compute_local_shape_and_global_offset(p.shape, p.device_mesh, p.placements)
+    row = math.prod(p.shape[1:])
+    return int(global_offset[0]) * row if p.dim() > 0 else 0
+
+
+class FSDPPlacement(Placement):
+    name = "fsdp"
+
+    def _reshard(self) -> None:
+        # The root keeps its parameters unsharded after forward in some modes; shards are only
+        # authoritative once every FSDP module is resharded.
+        for module in self.model.modules():
+            if isinstance(module, FSDPModule):
+                module.reshard()
+
+    def pieces(self) -> list[Piece]:
+        self._reshard()
+        out = []
+        for name, p in self.model.named_parameters():
+            if not p.requires_grad:
+                continue
+            if not isinstance(p, DTensor):
+                raise TypeError(f"parameter {name} is not sharded by FSDP2")
+            local = p.to_local()
+            out.append(
+                Piece(
+                    name=name,
+                    local=local.view(-1),
+                    offset=_flat_offset(p),
+                    full_numel=p.numel(),
+                    decay=decays(p.shape),
+                    shard=True,
+                )
+            )
+        return out
+
+    def full_state_dict(self) -> dict[str, torch.Tensor] | None:
+        sd = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        return sd if self.state.is_main else None
+
+
+def build_fsdp(
+    name_or_path: str, state: DistState, *, dtype: torch.dtype, trust_remote_code: bool = False
+) -> FSDPPlacement:
+    """Build on meta, shard, materialise the shards, then load: the model is never whole on a
+    rank's device, and only rank 0 reads the checkpoint (the others receive their shards)."""
+    from mezo_dist.models import empty_model, load_pretrained
+
+    model = empty_model(name_or_path, dtype=dtype, trust_remote_code=trust_remote_code)
+    buffers = {name: b.detach().clone() for name, b in model.named_buffers()}
+    apply_fully_shard(model, make_mesh(state))
+    model.to_empty(device=state.device)
+    with torch.no_grad():
+        for name, b in model.named_buffers():
+            b.copy_(buffers[name])
+    full_sd = None
+    if state.is_main:
+        full_sd = load_pretrained(name_or_path, dtype=dtype, trust_remote_code=trust_remote_code).state_dict()
+    load_full_state_dict(model, full_sd)
+    del full_sd
+    return FSDPPlacement(model, state)

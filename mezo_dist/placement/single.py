@@ -1,0 +1,46 @@
+"""One process, or N ranks that each hold the whole model (data parallel without a wrapper).
+
+No DDP wrapper is needed: MeZO has no gradients to average. Every rank draws the same z, runs
+its own micro-batch, and the all-reduced losses give every rank the same update, so the replicas
+stay identical without ever exchanging parameters.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from mezo_dist.placement.base import Piece, Placement, decays
+
+
+class SinglePlacement(Placement):
+    name = "single"
+
+    def pieces(self) -> list[Piece]:
+        out = []
+        for name, p in self.model.named_parameters():
+            if not p.requires_grad:
+                continue
+            out.append(
+                Piece(
+                    name=name,
+                    local=p.data.view(-1),
+                    offset=0,
+                    full_numel=p.numel(),
+                    decay=decays(p.shape),
+                    shard=False,
+                )
+            )
+        return out
+
+    def full_state_dict(self) -> dict[str, torch.Tensor] | None:
+        if not self.state.is_main:
+            return None
+        return {k: v.detach().to("cpu", copy=True) for k, v in self.model.state_dict().items()}
+
+
+def build_single(name_or_path: str, state, *, dtype: torch.dtype, trust_remote_code: bool = False) -> SinglePlacement:
+    """Every rank loads the whole model onto its device."""
+    from mezo_dist.models import load_pretrained
+
+    model = load_pretrained(name_or_path, dtype=dtype, trust_remote_code=trust_remote_code).to(state.device)
+    return SinglePlacement(model, state)

@@ -1,0 +1,168 @@
+"""DeepSpeed ZeRO-3 as a forward-only engine (no optimizer: nothing overwrites our edits).
+
+Each parameter's flat partition ``param.ds_tensor`` holds ``ceil(numel / world)`` elements; rank
+r holds the flat range ``[r * chunk, (r + 1) * chunk)`` and the tail of the last rank is padding.
+Parameters below ``stage3_param_persistence_threshold`` (and any parameter the engine has left
+gathered) are live in ``param.data`` on every rank: those are edited whole, identically on every
+rank, and the rank's slice is copied back into ``ds_tensor`` so that DeepSpeed's own partition
+never goes stale (it is what the next gather, or a checkpoint, reads).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from mezo_dist.distributed import DistState
+from mezo_dist.placement.base import Piece, Placement, decays
+
+
+def _status():
+    from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
+
+    return ZeroParamStatus
+
+
+def _partition_geometry(p: nn.Parameter) -> tuple[int, int]:
+    """(offset of this rank's partition in the flat parameter, number of valid elements)."""
+    group = getattr(p, "ds_process_group", None)
+    rank = dist.get_rank(group=group) if dist.is_initialized() else 0
+    chunk = p.ds_tensor.ds_numel
+    offset = rank * chunk
+    return offset, max(0, min(chunk, p.ds_numel - offset))
+
+
+class Zero3Placement(Placement):
+    """Wraps a ``deepspeed.DeepSpeedEngine`` built with ZeRO stage 3 and no optimizer."""
+
+    name = "zero3"
+
+    def __init__(self, engine: Any, state: DistState) -> None:
+        super().__init__(engine, state)
+        if engine.zero_optimization_stage() != 3:
+            raise ValueError(f"the zero3 placement needs a ZeRO stage 3 engine, got stage {engine.zero_optimization_stage()}")
+        if engine.optimizer is not None and not _is_offload_only(engine.optimizer):
+            # An engine with an optimizer copies its fp32 master partition over the model
+            # partition at engine.step(), undoing every MeZO update.
+            raise ValueError("the zero3 placement needs a DeepSpeed engine without an optimizer")
+        self._mirrors: list[tuple[nn.Parameter, int, int]] = []
+
+    @property
+    def module(self) -> nn.Module:
+        return self.model.module
+
+    def pieces(self) -> list[Piece]:
+        status = _status()
+        out: list[Piece] = []
+        self._mirrors = []
+        for name, p in self.module.named_parameters():
+            if not p.requires_grad:
+                continue
+            shape = tuple(p.ds_shape)
+            if p.ds_status == status.INFLIGHT:
+                raise RuntimeError(f"parameter {name} is still being gathered; cannot edit it")
+            if p.ds_status == status.AVAILABLE:
+                full = p.data.view(-1)
+                out.append(Piece(name, full, 0, p.ds_numel, decays(shape), shard=False))
+                offset, valid = _partition_geometry(p)
+                if valid > 0:
+                    self._mirrors.append((p, offset, valid))
+            else:
+                offset, valid = _partition_geometry(p)
+                local = p.ds_tensor.data.view(-1)[:valid]
+                out.append(Piece(name, local, offset, p.ds_numel, decays(shape), shard=True))
+        return out
+
+    @torch.no_grad()
+    def after_edit(self) -> None:
+        for p, offset, valid in self._mirrors:
+            p.ds_tensor.data.view(-1)[:valid].copy_(p.data.view(-1)[offset : offset + valid])
+
+    def eval(self) -> None:
+        self.model.eval()
+
+    @torch.no_grad()
+    def full_state_dict(self) -> dict[str, torch.Tensor] | None:
+        import deepspeed
+
+        module = self.module
+        sd: dict[str, torch.Tensor] = {}
+        # A tied parameter appears once, under its first name, as in the other placements.
+        for name, p in module.named_parameters():
+            with deepspeed.zero.GatheredParameters([p], modifier_rank=None):
+                if self.state.is_main:
+                    sd[name] = p.data.detach().to("cpu", copy=True)
+        if not self.state.is_main:
+            return None
+        param_names = {n for n, _ in module.named_parameters(remove_duplicate=False)}
+        for key, value in module.state_dict().items():
+            if key not in param_names:  # persistent buffers are never partitioned
+                sd[key] = value.detach().to("cpu", copy=True)
+        return sd
+
+
+def _is_offload_only(optimizer: Any) -> bool:
+    # Without a client optimizer DeepSpeed still keeps a parameter-offload manager here.
+    return type(optimizer).__name__ == "DeepSpeedZeRoOffload"
+
+
+def fill_ds_config(ds_config: dict, *, micro_batch: int, world_size: int, dtype: torch.dtype, hidden_size: int | None) -> dict:
+    """Replace ``"auto"`` fields from the run's own settings (accelerate's convention)."""
+    import copy
+
+    cfg = copy.deepcopy(ds_config)
+
+    def fill(d: dict, key: str, value: Any) -> None:
+        if d.get(key, "auto") == "auto":
+            d[key] = value
+        elif key in ("train_micro_batch_size_per_gpu",) and d[key] != value:
+            raise ValueError(f"ds_config sets {key}={d[key]} but --per_device_train_batch_size is {value}")
+
+    fill(cfg, "train_micro_batch_size_per_gpu", micro_batch)
+    fill(cfg, "gradient_accumulation_steps", 1)
+    fill(cfg, "train_batch_size", micro_batch * world_size * cfg["gradient_accumulation_steps"])
+    cfg.setdefault("steps_per_print", 10**9)
+    for key, want in (("bf16", dtype == torch.bfloat16), ("fp16", dtype == torch.float16)):
+        section = cfg.get(key)
+        if isinstance(section, dict) and section.get("enabled") == "auto":
+            section["enabled"] = want
+    zero = cfg["zero_optimization"]
+    if hidden_size is not None:
+        # The same sizes the Hugging Face integration picks for "auto".
+        fill(zero, "reduce_bucket_size", hidden_size * hidden_size)
+        fill(zero, "stage3_prefetch_bucket_size", int(0.9 * hidden_size * hidden_size))
+        fill(zero, "stage3_param_persistence_threshold", 10 * hidden_size)
+    else:
+        for key in ("reduce_bucket_size", "stage3_prefetch_bucket_size", "stage3_param_persistence_threshold"):
+            if zero.get(key) == "auto":
+                del zero[key]
+    return cfg
+
+
+def build_zero3(
+    name_or_path: str,
+    ds_config: dict,
+    state: DistState,
+    *,
+    micro_batch: int,
+    dtype: torch.dtype,
+    trust_remote_code: bool = False,
+) -> Zero3Placement:
+    """Load under ``deepspeed.zero.Init`` (through transformers) and wrap in a forward-only engine."""
+    import deepspeed
+    from transformers.integrations import HfDeepSpeedConfig
+
+    from mezo_dist.models import load_config, load_pretrained
+
+    hidden = getattr(load_config(name_or_path, trust_remote_code=trust_remote_code), "hidden_size", None)
+    cfg = fill_ds_config(ds_config, micro_batch=micro_batch, world_size=state.world_size, dtype=dtype, hidden_size=hidden)
+    # transformers reads this global to build the model partitioned; it must outlive loading.
+    hf_ds = HfDeepSpeedConfig(cfg)
+    model = load_pretrained(name_or_path, dtype=dtype, trust_remote_code=trust_remote_code)
+    engine, *_ = deepspeed.initialize(model=model, config=cfg)
+    placement = Zero3Placement(engine, state)
+    placement._hf_ds_config = hf_ds
+    return placement

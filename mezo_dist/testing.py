@@ -1,0 +1,61 @@
+"""Small random-weight models with real architectures, for tests and benchmarks.
+
+Dimensions are deliberately odd (not divisible by 2) so that shards and partitions have ragged
+edges. The tokenizer is character-level, built without training, so it needs no download.
+"""
+
+from __future__ import annotations
+
+import string
+from pathlib import Path
+
+import torch
+
+SPECIALS = ["<pad>", "<unk>", "<s>", "</s>"]
+
+
+def char_tokenizer():
+    from tokenizers import Regex, Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    chars = [c for c in string.printable if c not in "\r\x0b\x0c"]
+    vocab = {tok: i for i, tok in enumerate(SPECIALS + chars)}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="<pad>", unk_token="<unk>", bos_token="<s>", eos_token="</s>"
+    )
+
+
+def tiny_config(arch: str, *, vocab_size: int, hidden: int = 38, layers: int = 2, ffn: int = 53):
+    from transformers import LlamaConfig, OPTConfig
+
+    if arch == "opt":
+        return OPTConfig(
+            vocab_size=vocab_size, hidden_size=hidden, num_hidden_layers=layers, ffn_dim=ffn,
+            num_attention_heads=2, max_position_embeddings=256, word_embed_proj_dim=hidden,
+            pad_token_id=0, bos_token_id=2, eos_token_id=3, dropout=0.1, attention_dropout=0.1,
+        )
+    if arch == "llama":
+        # head_dim must be even for rotary embeddings: hidden 42 = 3 heads x 14.
+        return LlamaConfig(
+            vocab_size=vocab_size, hidden_size=42, intermediate_size=ffn, num_hidden_layers=layers,
+            num_attention_heads=3, num_key_value_heads=1, max_position_embeddings=256,
+            tie_word_embeddings=True, pad_token_id=0, bos_token_id=2, eos_token_id=3,
+        )
+    raise ValueError(f"unknown tiny architecture {arch!r}")
+
+
+def make_tiny_model(path: str | Path, arch: str = "opt", *, seed: int = 0, **dims) -> Path:
+    """Save a random-weight causal LM and its tokenizer as a Hugging Face folder."""
+    from transformers import AutoModelForCausalLM
+
+    path = Path(path)
+    tok = char_tokenizer()
+    # The vocabulary is odd on purpose: 99 tokens + 2 unused rows.
+    config = tiny_config(arch, vocab_size=len(tok) + 2, **dims)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config)
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
