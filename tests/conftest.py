@@ -1,0 +1,47 @@
+"""Shared fixtures: real task data, tiny random-weight models, and real launchers."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from tests.helpers import data_dir  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def real_data() -> Path:
+    d = data_dir()
+    if not (d / "sst2" / "train.jsonl").is_file():
+        msg = f"real task data not found at {d} (set MEZO_DIST_DATA)"
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail(msg)
+        pytest.skip(msg)
+    return d
+
+
+@pytest.fixture(scope="session")
+def text_file(real_data: Path, tmp_path_factory) -> Path:
+    """SST-2 training sentences as a causal-LM text file (the first 96)."""
+    out = tmp_path_factory.mktemp("data") / "sst2_text.jsonl"
+    with open(real_data / "sst2" / "train.jsonl", encoding="utf-8") as src, open(out, "w", encoding="utf-8") as dst:
+        for i, line in enumerate(src):
+            if i == 96:
+                break
+            dst.write(json.dumps({"text": json.loads(line)["sentence"].strip()}) + "\n")
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory) -> dict[str, Path]:
+    from mezo_dist.testing import make_tiny_model
+
+    root = tmp_path_factory.mktemp("models")
+    return {arch: make_tiny_model(root / arch, arch) for arch in ("opt", "llama")}
+
+

@@ -1,0 +1,60 @@
+"""Helpers for tests that start real launchers (kept out of conftest so tests can import them)."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def data_dir() -> Path:
+    """Real task files; ``MEZO_DIST_DATA`` overrides the default beside the checkout."""
+    return Path(os.environ.get("MEZO_DIST_DATA", ROOT.parent / "shared" / "data"))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch_env(**extra: str) -> dict[str, str]:
+    env = dict(os.environ)
+    # Two ranks on two cores: one thread each, or forwards run several times slower.
+    env.update(OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu", PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false")
+    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(k, None)
+    env.update(extra)
+    return env
+
+
+def run_cmd(cmd: list[str], *, timeout: int = 600, check: bool = True, **env: str) -> subprocess.CompletedProcess:
+    proc = subprocess.run(cmd, cwd=ROOT, env=launch_env(**env), capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(
+            f"command failed ({proc.returncode}): {' '.join(cmd)}\n--- stdout ---\n{proc.stdout[-4000:]}"
+            f"\n--- stderr ---\n{proc.stderr[-8000:]}"
+        )
+    return proc
+
+
+LAUNCHERS = {
+    "python": lambda port: [sys.executable],
+    "torchrun": lambda port: [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                              "--master_port", str(port)],
+    "deepspeed": lambda port: ["deepspeed", "--num_gpus", "2", "--master_port", str(port)],
+    "accelerate-zero3": lambda port: ["accelerate", "launch", "--config_file", "launch/accelerate/zero3.yaml",
+                                      "--main_process_port", str(port)],
+    "accelerate-fsdp": lambda port: ["accelerate", "launch", "--config_file", "launch/accelerate/fsdp.yaml",
+                                     "--main_process_port", str(port)],
+}
+
+
+def launch(launcher: str, script: str, args: list[str], **kw) -> subprocess.CompletedProcess:
+    """Run ``script`` under a real launcher (2 CPU ranks, except plain python)."""
+    return run_cmd(LAUNCHERS[launcher](free_port()) + [script, *args], **kw)
