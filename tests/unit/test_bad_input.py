@@ -1,0 +1,68 @@
+"""Each bad input gets one line naming the problem, before any process group starts."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch.distributed as dist
+
+from mezo_dist.cli import main
+from tests.helpers import ROOT
+
+
+@pytest.fixture
+def files(tmp_path, tiny_models, text_file):
+    (tmp_path / "empty.jsonl").write_text("\n\n")
+    (tmp_path / "notjson.jsonl").write_text('{"text": "fine"}\nthis is not json\n')
+    (tmp_path / "notext.jsonl").write_text('{"sentence": "no text field"}\n')
+    (tmp_path / "bad.json").write_text("{ not json")
+    stage2 = json.loads((ROOT / "ds_configs" / "zero3.json").read_text())
+    stage2["zero_optimization"]["stage"] = 2
+    (tmp_path / "stage2.json").write_text(json.dumps(stage2))
+    with_opt = json.loads((ROOT / "ds_configs" / "zero3.json").read_text())
+    with_opt["optimizer"] = {"type": "AdamW", "params": {"lr": 1e-5}}
+    (tmp_path / "with_opt.json").write_text(json.dumps(with_opt))
+    return {"tmp": tmp_path, "model": str(tiny_models["opt"]), "text": str(text_file)}
+
+
+CASES = [
+    ("unknown backend", ["--backend", "tp"], r"unknown backend 'tp'"),
+    ("ds_config missing", ["--ds_config", "{tmp}/none.json"], r"ds_config .*none.json does not exist"),
+    ("ds_config unreadable", ["--ds_config", "{tmp}/bad.json"], r"ds_config .*bad.json is not readable JSON"),
+    ("ds_config stage 2", ["--ds_config", "{tmp}/stage2.json"], r"has ZeRO stage 2; the zero3 backend needs stage 3"),
+    ("ds_config optimizer", ["--ds_config", "{tmp}/with_opt.json"], r"defines an optimizer"),
+    ("zero3 without ds_config", ["--backend", "zero3"], r"zero3 backend needs --ds_config"),
+    ("ds_config on fsdp", ["--backend", "fsdp", "--ds_config", "ds_configs/zero3.json"], r"--ds_config is for the zero3"),
+    ("eps zero", ["--zo_eps", "0"], r"--zo_eps must be > 0, got 0.0"),
+    ("eps negative", ["--zo_eps=-1e-3"], r"--zo_eps must be > 0"),
+    ("eps nan", ["--zo_eps", "nan"], r"--zo_eps must be > 0"),
+    ("batch size zero", ["--per_device_train_batch_size", "0"], r"--per_device_train_batch_size must be >= 1"),
+    ("negative lr", ["--learning_rate=-1"], r"--learning_rate must be >= 0"),
+    ("train file missing", ["--train_file", "{tmp}/nope.jsonl"], r"train file .*nope.jsonl does not exist"),
+    ("train file empty", ["--train_file", "{tmp}/empty.jsonl"], r"train file .*empty.jsonl is empty"),
+    ("train file not jsonl", ["--train_file", "{tmp}/notjson.jsonl"], r"is not JSON Lines: line 2"),
+    ("train file no text", ["--train_file", "{tmp}/notext.jsonl"], r'line 1 has no string "text" field'),
+    ("model path missing", ["--model_name_or_path", "{tmp}/no_model"], r"model path .*no_model does not exist"),
+    ("model folder without config", ["--model_name_or_path", "{tmp}"], r"has no config.json"),
+    ("unknown schedule", ["--lr_scheduler_type", "cosine_warm"], r"unknown --lr_scheduler_type 'cosine_warm'"),
+    ("unknown flag", ["--learning_rat", "1"], r"unrecognized arguments: --learning_rat"),
+]
+
+
+@pytest.mark.parametrize("flags,pattern", [c[1:] for c in CASES], ids=[c[0] for c in CASES])
+def test_bad_input_gets_one_line(files, flags, pattern, capsys, tmp_path):
+    base = {"--model_name_or_path": files["model"], "--train_file": files["text"],
+            "--output_dir": str(tmp_path / "out"), "--max_steps": "1"}
+    flags = [f.format(tmp=files["tmp"]) for f in flags]
+    for flag in flags:
+        base.pop(flag.split("=")[0], None)
+    argv = [x for kv in base.items() for x in kv] + flags
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("mezo_dist: error: "), err
+    import re
+
+    assert re.search(pattern, err[0]), err[0]
+    assert not dist.is_initialized()
+    assert not (tmp_path / "out").exists(), "nothing may be written for bad input"
