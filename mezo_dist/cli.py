@@ -28,7 +28,7 @@ def main(argv: list[str] | None = None) -> int:
 
     state = None
     try:
-        state = init_distributed(use_deepspeed=cfg.run.backend == "zero3")
+        state = init_distributed(use_deepspeed=cfg.run.backend == "zero3", need_group=cfg.run.backend == "fsdp")
         summary = train(cfg, state)
         if state.is_main:
             print(f"done: {summary['steps']} steps on {summary['backend']} x{summary['world_size']}; "

@@ -48,31 +48,42 @@ def default_device(local_rank: int) -> torch.device:
     return torch.device("cpu")
 
 
-def init_distributed(*, use_deepspeed: bool = False, timeout_s: int = 1800) -> DistState:
+def init_distributed(*, use_deepspeed: bool = False, need_group: bool = False, timeout_s: int = 1800) -> DistState:
     """Start the process group when the launcher asked for more than one process.
 
     With ``use_deepspeed`` the group is started through ``deepspeed.init_distributed`` so that
-    DeepSpeed's communication layer wraps it (ZeRO-3 needs that even with one process).
+    DeepSpeed's communication layer wraps it (ZeRO-3 needs that even with one process);
+    ``need_group`` starts one for a single process too (FSDP2's device mesh needs one).
     """
     rank, world, local = env_world()
     device = default_device(local)
     if device.type == "cuda":
         torch.cuda.set_device(device)
     backend = "nccl" if device.type == "cuda" else "gloo"
+    if (use_deepspeed or need_group) and world == 1:
+        # A launcher-less single process: give it the rendezvous a launcher would have.
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+        os.environ.setdefault("RANK", "0")
+        os.environ.setdefault("WORLD_SIZE", "1")
+        os.environ.setdefault("LOCAL_RANK", "0")
     if use_deepspeed:
         import deepspeed
 
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", "29500")
-        os.environ.setdefault("RANK", str(rank))
-        os.environ.setdefault("WORLD_SIZE", str(world))
-        os.environ.setdefault("LOCAL_RANK", str(local))
         deepspeed.init_distributed(dist_backend=backend, timeout=timedelta(seconds=timeout_s))
-    elif world > 1 and not dist.is_initialized():
+    elif (world > 1 or need_group) and not dist.is_initialized():
         dist.init_process_group(backend=backend, timeout=timedelta(seconds=timeout_s))
     if not dist.is_initialized():
         backend = ""
     return DistState(rank=rank, world_size=world, local_rank=local, device=device, backend=backend)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def teardown() -> None:

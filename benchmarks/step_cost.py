@@ -1,0 +1,198 @@
+"""What does a MeZO step cost next to inference?
+
+For one model and global batch, per backend and world size: the time of a MeZO step against two
+inference forward passes of the same micro-batch, the time of one pass of perturbation over the
+rank's parameters, and peak memory during the steps against peak memory during inference alone.
+
+    python benchmarks/step_cost.py                              # SmolLM2-135M, batch 16 x 32
+    python benchmarks/step_cost.py --model_name_or_path facebook/opt-1.3b --batch 16 --seq 256
+
+Each configuration runs in its own processes (``torchrun`` for world size 2). Results go to
+``benchmarks/results/step_cost.{json,md}``. Memory is the CUDA allocator's peak on GPU and the
+resident-set peak on CPU (the process's high-water mark: inference is measured first, so the step
+figure includes it and the ratio shows what the step adds).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+CONFIGS = [("single", 1), ("fsdp", 1), ("zero3", 1), ("single", 2), ("fsdp", 2), ("zero3", 2)]
+
+
+def worker(args: argparse.Namespace) -> None:
+    import torch
+
+    from mezo_dist.config import read_ds_config
+    from mezo_dist.distributed import init_distributed, teardown
+    from mezo_dist.metrics import peak_memory_bytes
+    from mezo_dist.models import DTYPES
+    from mezo_dist.train import causal_lm_loss
+    from mezo_dist.zo.step import MeZO
+
+    state = init_distributed(use_deepspeed=args.backend == "zero3", need_group=args.backend == "fsdp")
+    try:
+        dtype = DTYPES[args.dtype]
+        micro = args.batch // state.world_size
+        if args.backend == "single":
+            from mezo_dist.placement.single import build_single
+
+            placement = build_single(args.model_name_or_path, state, dtype=dtype)
+        elif args.backend == "fsdp":
+            from mezo_dist.placement.fsdp import build_fsdp
+
+            placement = build_fsdp(args.model_name_or_path, state, dtype=dtype)
+        else:
+            from mezo_dist.placement.zero3 import build_zero3
+
+            ds = read_ds_config(str(ROOT / "ds_configs" / "zero3.json"))
+            placement = build_zero3(args.model_name_or_path, ds, state, micro_batch=micro, dtype=dtype)
+        placement.eval()
+        vocab = placement.module.config.vocab_size
+        g = torch.Generator().manual_seed(0)
+        ids = torch.randint(0, vocab, (args.batch, args.seq), generator=g)[state.rank * micro : (state.rank + 1) * micro]
+        batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
+        batch = {k: v.to(state.device) for k, v in batch.items()}
+
+        def closure():
+            return causal_lm_loss(placement, batch)
+
+        def sync():
+            if state.device.type == "cuda":
+                torch.cuda.synchronize()
+
+        def timed(fn, n):
+            out = []
+            for _ in range(n):
+                sync()
+                t0 = time.perf_counter()
+                fn()
+                sync()
+                out.append(time.perf_counter() - t0)
+            return statistics.median(out)
+
+        with torch.no_grad():
+            timed(closure, args.warmup)
+            if state.device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats()
+            fwd = timed(closure, args.iters)
+        peak_inf = peak_memory_bytes(state.device)
+        zo = MeZO(placement, lr=1e-7, eps=1e-3, seed=0)
+        timed(lambda: zo.step(closure), args.warmup)
+        step = timed(lambda: zo.step(closure), args.iters)
+        perturb = timed(lambda: zo.perturb(12345, 0.0), args.iters)
+        peak_step = peak_memory_bytes(state.device)
+        local = sum(p.local.numel() for p in placement.pieces())
+        row = {
+            "backend": args.backend, "world_size": state.world_size, "device": state.device.type,
+            "model": args.model_name_or_path, "dtype": args.dtype, "global_batch": args.batch, "seq_len": args.seq,
+            "local_elements": local, "forward_s": fwd, "step_s": step, "step_over_two_forwards": step / (2 * fwd),
+            "perturb_pass_s": perturb, "peak_inference_bytes": peak_inf, "peak_step_bytes": peak_step,
+            "memory_ratio": peak_step / peak_inf,
+        }
+        rows = [row]
+        if state.world_size > 1:
+            import torch.distributed as dist
+
+            rows = [None] * state.world_size
+            dist.all_gather_object(rows, row)
+        if state.is_main:
+            Path(args.out).write_text(json.dumps(rows))
+    finally:
+        teardown()
+
+
+def launch(args: argparse.Namespace, backend: str, world: int, out: Path) -> list[dict]:
+    env = dict(os.environ, DS_ACCELERATOR=os.environ.get("DS_ACCELERATOR", "cpu"), PYTHONUNBUFFERED="1")
+    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    cpus = os.cpu_count() or 1
+    env.setdefault("OMP_NUM_THREADS", str(max(1, cpus // world)))
+    cmd = [sys.executable]
+    if world > 1:
+        cmd += ["-m", "torch.distributed.run", "--nproc_per_node", str(world), "--master_port", str(29600 + world)]
+    cmd += [__file__, "--worker", "--backend", backend, "--out", str(out), "--model_name_or_path", args.model_name_or_path,
+            "--batch", str(args.batch), "--seq", str(args.seq), "--dtype", args.dtype,
+            "--iters", str(args.iters), "--warmup", str(args.warmup)]
+    proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{backend} x{world} failed:\n{proc.stderr[-4000:]}")
+    return json.loads(out.read_text())
+
+
+def markdown(rows: list[dict], meta: dict) -> str:
+    lines = [
+        f"# MeZO step cost: {meta['model']}, global batch {meta['global_batch']} x {meta['seq_len']} tokens, {meta['dtype']}",
+        "",
+        f"Machine: {meta['machine']}. Medians of {meta['iters']} after {meta['warmup']} warm-up runs; rank 0's figures.",
+        "",
+        "| backend | world | 2 forwards (s) | MeZO step (s) | step / 2 fwd | perturb pass (s) | peak inference (GiB) | peak step (GiB) | step / inference memory |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['backend']} | {r['world_size']} | {2 * r['forward_s']:.3f} | {r['step_s']:.3f} | "
+            f"{r['step_over_two_forwards']:.2f}x | {r['perturb_pass_s']:.3f} | {r['peak_inference_bytes'] / 2**30:.2f} | "
+            f"{r['peak_step_bytes'] / 2**30:.2f} | {r['memory_ratio']:.3f}x |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model_name_or_path", default="smollm2-135m")
+    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--seq", type=int, default=32)
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--iters", type=int, default=5)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--configs", default=",".join(f"{b}:{w}" for b, w in CONFIGS),
+                   help="comma-separated backend:world pairs")
+    p.add_argument("--results", default=str(ROOT / "benchmarks" / "results"))
+    p.add_argument("--tag", default="", help="suffix for the result files")
+    p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--backend", help=argparse.SUPPRESS)
+    p.add_argument("--out", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.worker:
+        return worker(args)
+    if args.model_name_or_path == "smollm2-135m":
+        from mezo_dist.assets import default_model_dir
+
+        args.model_name_or_path = str(default_model_dir())
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for item in args.configs.split(","):
+            backend, world = item.split(":")
+            got = launch(args, backend, int(world), Path(tmp) / f"{backend}{world}.json")
+            rows.append(got[0])
+            r = got[0]
+            print(f"{backend:>6} x{world}: 2 fwd {2 * r['forward_s']:.3f}s  step {r['step_s']:.3f}s  "
+                  f"({r['step_over_two_forwards']:.2f}x)  memory {r['memory_ratio']:.3f}x", flush=True)
+    meta = {"model": Path(args.model_name_or_path).name, "global_batch": args.batch, "seq_len": args.seq,
+            "dtype": args.dtype, "iters": args.iters, "warmup": args.warmup,
+            "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, torch {__import__('torch').__version__}"
+            + (f", {__import__('torch').cuda.get_device_name()}" if __import__("torch").cuda.is_available() else "")}
+    out = Path(args.results)
+    out.mkdir(parents=True, exist_ok=True)
+    name = "step_cost" + (f"_{args.tag}" if args.tag else "")
+    from mezo_dist.metrics import atomic_write_text
+
+    atomic_write_text(out / f"{name}.json", json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
+    atomic_write_text(out / f"{name}.md", markdown(rows, meta))
+    print(markdown(rows, meta))
+
+
+if __name__ == "__main__":
+    main()
