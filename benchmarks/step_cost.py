@@ -9,8 +9,7 @@ rank's parameters, and peak memory during the steps against peak memory during i
 
 Each configuration runs in its own processes (``torchrun`` for world size 2). Results go to
 ``benchmarks/results/step_cost.{json,md}``. Memory is the CUDA allocator's peak on GPU and the
-resident-set peak on CPU (the process's high-water mark: inference is measured first, so the step
-figure includes it and the ratio shows what the step adds).
+resident-set high-water mark on CPU (VmHWM, reset between the inference and the step windows).
 """
 
 from __future__ import annotations
@@ -37,7 +36,7 @@ def worker(args: argparse.Namespace) -> None:
 
     from mezo_dist.config import read_ds_config
     from mezo_dist.distributed import init_distributed, teardown
-    from mezo_dist.metrics import peak_memory_bytes
+    from mezo_dist.metrics import peak_memory_bytes, reset_peak_memory
     from mezo_dist.models import DTYPES
     from mezo_dist.train import causal_lm_loss
     from mezo_dist.zo.step import MeZO
@@ -85,15 +84,15 @@ def worker(args: argparse.Namespace) -> None:
 
         with torch.no_grad():
             timed(closure, args.warmup)
-            if state.device.type == "cuda":
-                torch.cuda.reset_peak_memory_stats()
+            reset_peak_memory(state.device)
             fwd = timed(closure, args.iters)
         peak_inf = peak_memory_bytes(state.device)
         zo = MeZO(placement, lr=1e-7, eps=1e-3, seed=0)
         timed(lambda: zo.step(closure), args.warmup)
+        reset_peak_memory(state.device)
         step = timed(lambda: zo.step(closure), args.iters)
-        perturb = timed(lambda: zo.perturb(12345, 0.0), args.iters)
         peak_step = peak_memory_bytes(state.device)
+        perturb = timed(lambda: zo.perturb(12345, 0.0), args.iters)
         local = sum(p.local.numel() for p in placement.pieces())
         row = {
             "backend": args.backend, "world_size": state.world_size, "device": state.device.type,

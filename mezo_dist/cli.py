@@ -5,10 +5,10 @@ from __future__ import annotations
 import os
 import sys
 
-from mezo_dist.errors import ConfigError
+from mezo_dist.errors import ConfigError, TrainingError
 
 
-def _say(msg: str) -> None:
+def say(msg: str) -> None:
     # Every rank validates the same input; one copy of the message is enough.
     if os.environ.get("RANK", "0") == "0":
         print(f"mezo_dist: error: {msg}", file=sys.stderr, flush=True)
@@ -20,7 +20,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = parse_args(argv)
     except ConfigError as e:
-        _say(str(e))
+        say(str(e))
         return 2
 
     from mezo_dist.distributed import init_distributed, teardown
@@ -35,7 +35,10 @@ def main(argv: list[str] | None = None) -> int:
                   f"model in {cfg.run.output_dir}/final", flush=True)
         return 0
     except ConfigError as e:
-        _say(str(e))
+        say(str(e))
         return 2
+    except TrainingError as e:
+        say(str(e))
+        return 1
     finally:
         teardown()

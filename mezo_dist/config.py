@@ -62,7 +62,18 @@ class RunArguments:
     per_device_train_batch_size: int = field(default=8, metadata={"help": "Micro-batch per rank."})
     seed: int = field(default=0, metadata={"help": "Run seed: data order and every step's perturbation seed."})
     logging_steps: int = field(default=10, metadata={"help": "Log loss, throughput and memory every N steps."})
-    save_steps: int = field(default=0, metadata={"help": "Save a gathered Hugging Face checkpoint every N steps (0: only at the end)."})
+    save_steps: int = field(default=0, metadata={"help": "Save a sharded training checkpoint every N steps (0: none)."})
+    save_total_limit: int = field(default=0, metadata={"help": "Keep only the latest N checkpoints (0: all)."})
+    resume_from_checkpoint: Optional[str] = field(
+        default=None, metadata={"help": "A checkpoint folder, or 'latest' (the newest in --output_dir; none: start fresh)."}
+    )
+    overwrite_output_dir: bool = field(default=False, metadata={"help": "Start afresh in an --output_dir that holds a run."})
+    max_skipped_steps: int = field(
+        default=10, metadata={"help": "Stop with an error once more steps than this had a non-finite loss (-1: never)."}
+    )
+    check_replicas_steps: int = field(
+        default=100, metadata={"help": "With the single backend on several ranks, compare parameter checksums every N steps (0: never)."}
+    )
     report_to: str = field(default="tensorboard", metadata={"help": "Trackers: tensorboard or none."})
     disable_tqdm: bool = field(default=False, metadata={"help": "No progress bar."})
     local_rank: int = field(default=-1, metadata={"help": "Set by the deepspeed launcher; the environment is what counts."})
@@ -138,7 +149,7 @@ def validate(cfg: TrainConfig) -> None:
         raise ConfigError(f"--max_steps must be >= 0, got {run.max_steps}")
     if cfg.data.max_length < 2:
         raise ConfigError(f"--max_length must be >= 2, got {cfg.data.max_length}")
-    for name in ("logging_steps", "save_steps", "warmup_steps"):
+    for name in ("logging_steps", "save_steps", "warmup_steps", "save_total_limit", "check_replicas_steps"):
         obj = zo if name == "warmup_steps" else run
         if getattr(obj, name) < 0:
             raise ConfigError(f"--{name} must be >= 0, got {getattr(obj, name)}")
@@ -152,6 +163,53 @@ def validate(cfg: TrainConfig) -> None:
 
     read_jsonl(cfg.data.train_file)
     check_model_path(cfg.model.model_name_or_path)
+    check_output_dir(cfg)
+
+
+def resume_fields(cfg: TrainConfig) -> dict[str, Any]:
+    """What a resumed run must share with the run that wrote the checkpoint, for equal results."""
+    from mezo_dist.data import file_digest
+    from mezo_dist.distributed import env_world
+
+    fields = {
+        "seed": cfg.run.seed, "zo_eps": cfg.zo.zo_eps, "weight_decay": cfg.zo.weight_decay,
+        "learning_rate": cfg.zo.learning_rate, "lr_scheduler_type": cfg.zo.lr_scheduler_type,
+        "warmup_steps": cfg.zo.warmup_steps, "max_length": cfg.data.max_length,
+        "global_batch": cfg.run.per_device_train_batch_size * env_world()[1],
+        "train_file_sha256": file_digest(cfg.data.train_file),
+    }
+    if cfg.zo.lr_scheduler_type != "constant":
+        fields["max_steps"] = cfg.run.max_steps  # the schedule depends on it
+    return fields
+
+
+def check_output_dir(cfg: TrainConfig) -> None:
+    """Resolve --resume_from_checkpoint and refuse to clobber a previous run's outputs."""
+    from mezo_dist.checkpoint import list_checkpoints, read_checkpoint_meta
+
+    run = cfg.run
+    out = Path(run.output_dir)
+    if run.resume_from_checkpoint == "latest":
+        found = list_checkpoints(out)
+        run.resume_from_checkpoint = str(found[-1]) if found else None
+        if run.resume_from_checkpoint is None:
+            return  # nothing to resume yet: start fresh (the first attempt of a restartable job)
+    if run.resume_from_checkpoint is not None:
+        _, state = read_checkpoint_meta(run.resume_from_checkpoint)
+        saved, now = state.get("run", {}), resume_fields(cfg)
+        for key, value in now.items():
+            if key in saved and saved[key] != value:
+                raise ConfigError(
+                    f"checkpoint {run.resume_from_checkpoint} was written with {key}={saved[key]!r}; this run has {value!r}"
+                )
+        if state["step"] > run.max_steps:
+            raise ConfigError(f"checkpoint {run.resume_from_checkpoint} is at step {state['step']}, past --max_steps {run.max_steps}")
+        return
+    previous = (out / "trajectory.jsonl").exists() or bool(list_checkpoints(out))
+    if previous and not run.overwrite_output_dir:
+        raise ConfigError(
+            f"output_dir {out} already holds a run; pass --resume_from_checkpoint latest or --overwrite_output_dir"
+        )
 
 
 def resolve_defaults(cfg: TrainConfig) -> None:

@@ -42,6 +42,17 @@ def read_jsonl(path: str | Path, *, field: str = "text") -> list[str]:
     return texts
 
 
+def file_digest(path: str | Path) -> str:
+    """sha256 of a file's bytes: the data a checkpoint was trained on."""
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
 @dataclass
 class TokenizedText:
     """Token ids of each example, truncated to ``max_length``."""

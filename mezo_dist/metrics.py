@@ -6,6 +6,7 @@ in the collective that gathers per-rank peak memory.
 
 from __future__ import annotations
 
+import ctypes
 import json
 import os
 import resource
@@ -20,11 +21,31 @@ from mezo_dist.distributed import DistState
 
 
 def peak_memory_bytes(device: torch.device) -> int:
-    """Peak memory of this rank: device allocations on CUDA, resident set size on CPU."""
+    """Peak memory of this rank since the last :func:`reset_peak_memory`: the allocator's peak on
+    CUDA, the resident set's high-water mark (VmHWM) on CPU."""
     if device.type == "cuda":
         return int(torch.cuda.max_memory_allocated(device))
-    # ru_maxrss is in KiB on Linux.
-    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # KiB on Linux
+
+
+def reset_peak_memory(device: torch.device) -> None:
+    """Start a new peak-memory window (on CPU: hand freed memory back, then reset VmHWM)."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        return
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+        with open("/proc/self/clear_refs", "w", encoding="ascii") as f:
+            f.write("5")
+    except OSError:
+        pass
 
 
 def gather_peak_memory(state: DistState) -> list[int]:
@@ -37,7 +58,9 @@ def gather_peak_memory(state: DistState) -> list[int]:
 
 
 class RunLogger:
-    def __init__(self, state: DistState, output_dir: str, *, max_steps: int, tensorboard: bool, progress: bool) -> None:
+    def __init__(
+        self, state: DistState, output_dir: str, *, max_steps: int, tensorboard: bool, progress: bool, start_step: int = 0
+    ) -> None:
         self.state = state
         self.main = state.is_main
         self.out = Path(output_dir)
@@ -47,7 +70,7 @@ class RunLogger:
         if not self.main:
             return
         self.out.mkdir(parents=True, exist_ok=True)
-        self._traj = open(self.out / "trajectory.jsonl", "w", encoding="utf-8")
+        self._traj = self._open_trajectory(start_step)
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter  # imported only when enabled
 
@@ -55,7 +78,22 @@ class RunLogger:
         if progress:
             from tqdm.auto import tqdm
 
-            self._bar = tqdm(total=max_steps, desc="mezo", dynamic_ncols=True, file=sys.stderr)
+            self._bar = tqdm(total=max_steps, initial=start_step, desc="mezo", dynamic_ncols=True, file=sys.stderr)
+
+    def _open_trajectory(self, start_step: int):
+        """A fresh file, or on resume the lines of the steps before ``start_step`` (lines written
+        after the checkpoint by the interrupted run are dropped: those steps run again)."""
+        path = self.out / "trajectory.jsonl"
+        kept = []
+        if start_step > 0 and path.exists():
+            for line in path.read_text(encoding="utf-8").splitlines():
+                try:
+                    if json.loads(line)["step"] < start_step:
+                        kept.append(line + "\n")
+                except (json.JSONDecodeError, KeyError):
+                    break  # a line cut short by the crash
+        atomic_write_text(path, "".join(kept))
+        return open(path, "a", encoding="utf-8")
 
     def trajectory(self, row: dict[str, Any]) -> None:
         if self._traj is not None:
@@ -73,8 +111,9 @@ class RunLogger:
             self._bar.set_postfix({k: f"{v:.4g}" for k, v in postfix.items()}, refresh=False)
 
     def memory(self, step: int) -> list[int]:
-        """Collective: every rank must call it at the same steps."""
+        """Peak memory per rank since the previous call. Collective: every rank calls it."""
         peaks = gather_peak_memory(self.state)
+        reset_peak_memory(self.state.device)
         for r, b in enumerate(peaks):
             self.scalars(step, {f"memory/peak_gib_rank{r}": b / 2**30})
         return peaks

@@ -15,7 +15,6 @@ from dataclasses import dataclass
 from typing import Callable, Union
 
 import torch
-from torch import nn
 
 from mezo_dist.placement.base import Piece, Placement
 from mezo_dist.zo import noise
@@ -160,10 +159,19 @@ class MeZO:
             skipped=skipped,
         )
 
+    @torch.no_grad()
+    def replay(self, seed: int, projected_grad: float, lr: float, *, skipped: bool = False) -> None:
+        """Apply a logged step without its forwards: the same passes in the same order as
+        :meth:`step`, so the parameters come out bit for bit as training left them."""
+        self.perturb(seed, self.eps)
+        self.perturb(seed, -2.0 * self.eps)
+        if skipped:
+            self.perturb(seed, self.eps)
+        else:
+            self._restore_and_update(seed, lr, projected_grad)
+        self.step_index += 1
+
     def _reduce_device(self) -> torch.device:
         # NCCL reduces CUDA tensors only; gloo reduces CPU tensors.
         return self.placement.state.device
 
-
-def trainable_numel(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters() if p.requires_grad)

@@ -11,14 +11,14 @@ from mezo_dist.cli import main
 def test_single_process_run_writes_every_output(tiny_models, text_file, tmp_path):
     out = tmp_path / "run"
     argv = ["--model_name_or_path", str(tiny_models["llama"]), "--train_file", str(text_file),
-            "--output_dir", str(out), "--max_steps", "4", "--save_steps", "2", "--logging_steps", "2",
+            "--output_dir", str(out), "--max_steps", "4", "--logging_steps", "2",
             "--per_device_train_batch_size", "3", "--max_length", "24", "--learning_rate", "1e-3",
             "--lr_scheduler_type", "linear", "--disable_tqdm"]
     assert main(argv) == 0
 
     rows = [json.loads(line) for line in (out / "trajectory.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [0, 1, 2, 3]
-    assert all(set(r) == {"step", "seed", "projected_grad", "loss", "lr"} for r in rows)
+    assert all(set(r) == {"step", "seed", "projected_grad", "loss", "lr", "eps", "wd"} for r in rows)
     assert all(math.isfinite(r["projected_grad"]) and r["loss"] > 0 for r in rows)
     assert [r["lr"] for r in rows] == [1e-3, 7.5e-4, 5e-4, 2.5e-4]  # linear decay to 0 at step 4
 
@@ -35,10 +35,8 @@ def test_single_process_run_writes_every_output(tiny_models, text_file, tmp_path
     from transformers import AutoModelForCausalLM
 
     final = AutoModelForCausalLM.from_pretrained(out / "final")
-    ckpt = AutoModelForCausalLM.from_pretrained(out / "checkpoint-2")
     start = AutoModelForCausalLM.from_pretrained(tiny_models["llama"])
-    diff = lambda a, b: max((x - y).abs().max().item() for x, y in zip(a.parameters(), b.parameters()))  # noqa: E731
-    assert diff(final, ckpt) > 0 and diff(ckpt, start) > 0
+    assert max((x - y).abs().max().item() for x, y in zip(final.parameters(), start.parameters())) > 0
     assert not any(p.name.startswith(".") for p in out.iterdir()), "temporary files left behind"
     summary = json.loads((out / "train_results.json").read_text())
     assert summary["steps"] == 4 and summary["skipped_steps"] == 0 and summary["backend"] == "single"

@@ -1,0 +1,120 @@
+"""Rebuild fine-tuned weights from the base model and the seed log (``trajectory.jsonl``).
+
+A MeZO run is the base model plus one (seed, projected gradient, lr) triple per step. Replaying
+runs the same passes over the parameters as training did, without the forward passes, on any
+world size and backend (the noise is layout-invariant).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+from mezo_dist.config import BACKENDS, ModelArguments, read_ds_config
+from mezo_dist.errors import ConfigError
+
+
+@dataclass
+class ReplayArguments:
+    trajectory: str = field(default="", metadata={"help": "The trajectory.jsonl of the run to rebuild."})
+    output_dir: str = field(default="", metadata={"help": "Where the rebuilt model is written (Hugging Face format)."})
+    backend: Optional[str] = field(default=None, metadata={"help": "single, fsdp or zero3 (default: zero3 with --ds_config, else single)."})
+    ds_config: Optional[str] = field(default=None, metadata={"help": "DeepSpeed ZeRO-3 config for the zero3 backend."})
+    local_rank: int = field(default=-1, metadata={"help": "Set by the deepspeed launcher."})
+
+
+def read_trajectory(path: str | Path) -> list[dict[str, Any]]:
+    """The steps of a run, checked to run 0, 1, 2, ... with everything replay needs."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"trajectory {path} does not exist")
+    rows = []
+    for n, line in enumerate(p.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            raise ConfigError(f"trajectory {path} line {n} is not JSON") from None
+        missing = {"step", "seed", "projected_grad", "lr", "eps", "wd"} - set(row)
+        if missing:
+            raise ConfigError(f"trajectory {path} line {n} lacks {', '.join(sorted(missing))}")
+        if row["step"] != len(rows):
+            raise ConfigError(f"trajectory {path} line {n} is step {row['step']}, expected {len(rows)}")
+        if not row.get("skipped") and not math.isfinite(row["projected_grad"]):
+            raise ConfigError(f"trajectory {path} line {n} has a non-finite projected gradient")
+        rows.append(row)
+    if not rows:
+        raise ConfigError(f"trajectory {path} is empty")
+    return rows
+
+
+def replay(placement, rows: list[dict[str, Any]]) -> None:
+    """Apply every logged step to ``placement`` in order."""
+    from mezo_dist.zo.step import MeZO
+
+    zo = MeZO(placement, lr=0.0, eps=rows[0]["eps"])
+    placement.eval()
+    for row in rows:
+        zo.eps, zo.weight_decay = float(row["eps"]), float(row["wd"])
+        zo.replay(int(row["seed"]), float(row["projected_grad"]), float(row["lr"]), skipped=bool(row.get("skipped")))
+
+
+def main(argv: list[str] | None = None) -> int:
+    import sys
+
+    from transformers import HfArgumentParser
+
+    from mezo_dist.cli import say
+
+    parser = HfArgumentParser((ModelArguments, ReplayArguments), allow_abbrev=False)
+
+    def one_line(message: str) -> None:
+        raise ConfigError(message)
+
+    parser.error = one_line  # type: ignore[method-assign]
+    try:
+        model_args, args, rest = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
+        if rest:
+            raise ConfigError(f"unrecognized arguments: {' '.join(rest)}")
+        if not args.output_dir:
+            raise ConfigError("--output_dir is required")
+        rows = read_trajectory(args.trajectory)
+        backend = args.backend or ("zero3" if args.ds_config else "single")
+        if backend not in BACKENDS:
+            raise ConfigError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+        if backend == "zero3":
+            read_ds_config(args.ds_config)
+        from mezo_dist import assets
+        from mezo_dist.models import check_model_path
+
+        if model_args.model_name_or_path == assets.DEFAULT_MODEL:
+            model_args.model_name_or_path = str(assets.default_model_dir())
+        check_model_path(model_args.model_name_or_path)
+    except ConfigError as e:
+        say(str(e))
+        return 2
+
+    from mezo_dist.distributed import init_distributed, teardown
+    from mezo_dist.export import save_pretrained
+    from mezo_dist.models import load_tokenizer
+    from mezo_dist.train import build_placement
+
+    try:
+        state = init_distributed(use_deepspeed=backend == "zero3", need_group=backend == "fsdp")
+        placement = build_placement(model_args, state, backend=backend, ds_config=args.ds_config, micro_batch=1)
+        replay(placement, rows)
+        tokenizer = load_tokenizer(model_args.model_name_or_path, trust_remote_code=model_args.trust_remote_code)
+        save_pretrained(placement, tokenizer, args.output_dir)
+        if state.is_main:
+            print(f"replayed {len(rows)} steps on {backend} x{state.world_size}; model in {args.output_dir}", flush=True)
+        return 0
+    except ConfigError as e:
+        say(str(e))
+        return 2
+    finally:
+        teardown()
+        sys.stdout.flush()
