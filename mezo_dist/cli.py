@@ -14,6 +14,15 @@ def say(msg: str) -> None:
         print(f"mezo_dist: error: {msg}", file=sys.stderr, flush=True)
 
 
+def quiet_other_ranks(state) -> None:
+    """Progress bars and loading chatter from rank 0 only."""
+    if not state.is_main:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+        hf_logging.set_verbosity_error()
+
+
 def main(argv: list[str] | None = None) -> int:
     from mezo_dist.config import parse_args
 
@@ -29,6 +38,7 @@ def main(argv: list[str] | None = None) -> int:
     state = None
     try:
         state = init_distributed(use_deepspeed=cfg.run.backend == "zero3", need_group=cfg.run.backend == "fsdp")
+        quiet_other_ranks(state)
         summary = train(cfg, state)
         if state.is_main:
             print(f"done: {summary['steps']} steps on {summary['backend']} x{summary['world_size']}; "

@@ -8,6 +8,7 @@ real launcher run. Each hook is one environment lookup when unset.
   restarted run goes through.
 * ``MEZO_DIST_TEST_DIE_IN_SAVE=<rank>``: that rank SIGKILLs itself mid-checkpoint.
 * ``MEZO_DIST_TEST_NAN_STEPS=<step>,<step>``: the minus-side loss of those steps is NaN.
+* ``MEZO_DIST_TEST_DRIFT=<rank>:<step>``: that rank's replica is nudged after that step.
 """
 
 from __future__ import annotations
@@ -41,3 +42,16 @@ def maybe_die_in_save(rank: int) -> None:
     target = os.environ.get("MEZO_DIST_TEST_DIE_IN_SAVE")
     if target is not None and int(target) == rank:
         os.kill(os.getpid(), signal.SIGKILL)
+
+
+def maybe_drift(rank: int, step: int, placement) -> None:
+    """``MEZO_DIST_TEST_DRIFT=<rank>:<step>``: nudge that rank's first parameter after the step."""
+    spec = os.environ.get("MEZO_DIST_TEST_DRIFT")
+    if not spec:
+        return
+    r, s = (int(x) for x in spec.split(":"))
+    if (r, s) == (rank, step):
+        import torch
+
+        with torch.no_grad():
+            placement.pieces()[0].local.add_(1e-3)

@@ -68,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from transformers import HfArgumentParser
 
-    from mezo_dist.cli import say
+    from mezo_dist.cli import quiet_other_ranks, say
 
     parser = HfArgumentParser((ModelArguments, ReplayArguments), allow_abbrev=False)
 
@@ -105,6 +105,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         state = init_distributed(use_deepspeed=backend == "zero3", need_group=backend == "fsdp")
+        quiet_other_ranks(state)
         placement = build_placement(model_args, state, backend=backend, ds_config=args.ds_config, micro_batch=1)
         replay(placement, rows)
         tokenizer = load_tokenizer(model_args.model_name_or_path, trust_remote_code=model_args.trust_remote_code)

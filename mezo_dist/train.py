@@ -136,6 +136,7 @@ def train(cfg: TrainConfig, state: DistState) -> dict[str, Any]:
                         f"{skipped} steps had a non-finite loss, more than --max_skipped_steps {run.max_skipped_steps}"
                     )
             done = step + 1
+            faults.maybe_drift(state.rank, step, placement)
             if run.check_replicas_steps and placement.name == "single" and done % run.check_replicas_steps == 0:
                 check_replicas(placement, step=done)
             if run.logging_steps and done % run.logging_steps == 0:

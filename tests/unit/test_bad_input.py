@@ -66,3 +66,94 @@ def test_bad_input_gets_one_line(files, flags, pattern, capsys, tmp_path):
     assert re.search(pattern, err[0]), err[0]
     assert not dist.is_initialized()
     assert not (tmp_path / "out").exists(), "nothing may be written for bad input"
+
+
+# -- checkpoints, output folders and the seed log --------------------------------------------
+
+@pytest.fixture
+def trained(tmp_path, tiny_models, text_file):
+    """A finished 2-step run with a checkpoint at each step."""
+    out = tmp_path / "run"
+    argv = ["--model_name_or_path", str(tiny_models["opt"]), "--train_file", str(text_file), "--output_dir", str(out),
+            "--max_steps", "2", "--save_steps", "1", "--per_device_train_batch_size", "2", "--max_length", "16",
+            "--disable_tqdm", "--report_to", "none"]
+    assert main(argv) == 0
+    return {"out": out, "argv": argv, "llama": str(tiny_models["llama"])}
+
+
+def snapshot(folder):
+    return {p: p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def truncate(path):
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+
+
+CKPT_CASES = [
+    ("resume path missing", lambda t: ["--resume_from_checkpoint", str(t["out"] / "checkpoint-9")], None,
+     r"checkpoint .*checkpoint-9 does not exist"),
+    ("checkpoint truncated", lambda t: ["--resume_from_checkpoint", str(t["out"] / "checkpoint-1")],
+     lambda t: truncate(t["out"] / "checkpoint-1" / "rank-00000.safetensors"), r"is truncated: rank-00000.safetensors"),
+    ("checkpoint without index", lambda t: ["--resume_from_checkpoint", str(t["out"] / "checkpoint-1")],
+     lambda t: (t["out"] / "checkpoint-1" / "index.json").unlink(), r"is incomplete: index.json is missing"),
+    ("checkpoint of another config", lambda t: ["--resume_from_checkpoint", "latest", "--zo_eps", "0.002"], None,
+     r"was written with zo_eps=0.001; this run has 0.002"),
+    ("checkpoint of another batch", lambda t: ["--resume_from_checkpoint", "latest", "--per_device_train_batch_size", "3"],
+     None, r"was written with global_batch=2; this run has 3"),
+    ("checkpoint of another model", lambda t: ["--resume_from_checkpoint", "latest", "--model_name_or_path", t["llama"]],
+     None, r"is from another model: parameter model.decoder"),
+    ("checkpoint past max_steps", lambda t: ["--resume_from_checkpoint", "latest", "--max_steps", "1"], None,
+     r"is at step 2, past --max_steps 1"),
+    ("output_dir holds a run", lambda t: [], None, r"already holds a run; pass --resume_from_checkpoint latest"),
+]
+
+
+@pytest.mark.parametrize("flags,damage,pattern", [c[1:] for c in CKPT_CASES], ids=[c[0] for c in CKPT_CASES])
+def test_bad_checkpoint_gets_one_line_and_nothing_is_overwritten(trained, flags, damage, pattern, capsys):
+    import re
+
+    if damage:
+        damage(trained)
+    before = snapshot(trained["out"])
+    capsys.readouterr()
+    argv = list(trained["argv"])
+    extra = flags(trained)
+    for flag in extra[::2]:
+        if flag in argv:
+            i = argv.index(flag)
+            del argv[i : i + 2]
+    assert main(argv + extra) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("mezo_dist: error: ") and re.search(pattern, err[-1]), err
+    assert not any("Traceback" in line for line in err)
+    assert snapshot(trained["out"]) == before, "a refused run changed the output folder"
+
+
+REPLAY_CASES = [
+    ("trajectory missing", lambda t: str(t["out"] / "nope.jsonl"), r"trajectory .*nope.jsonl does not exist"),
+    ("trajectory gap", lambda t: _write(t, '{"step": 1, "seed": 1, "projected_grad": 0.1, "lr": 0.1, "eps": 0.001, "wd": 0}'),
+     r"is step 1, expected 0"),
+    ("trajectory old format", lambda t: _write(t, '{"step": 0, "seed": 1, "projected_grad": 0.1, "lr": 0.1}'),
+     r"line 1 lacks eps, wd"),
+]
+
+
+def _write(t, line):
+    path = t["out"] / "bad.jsonl"
+    path.write_text(line + "\n")
+    return str(path)
+
+
+@pytest.mark.parametrize("trajectory,pattern", [c[1:] for c in REPLAY_CASES], ids=[c[0] for c in REPLAY_CASES])
+def test_bad_replay_input_gets_one_line(trained, trajectory, pattern, capsys, tmp_path):
+    import re
+
+    from mezo_dist.replay import main as replay_main
+
+    code = replay_main(["--model_name_or_path", trained["argv"][1], "--trajectory", trajectory(trained),
+                        "--output_dir", str(tmp_path / "rebuilt")])
+    assert code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and re.search(pattern, err[0]), err
+    assert not (tmp_path / "rebuilt").exists()
