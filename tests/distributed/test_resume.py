@@ -78,11 +78,13 @@ def test_torchrun_restart_resumes_by_itself(uninterrupted, tiny_models, text_fil
     launcher_args = ["--model_name_or_path", str(tiny_models["opt"]), "--train_file", str(text_file),
                      "--output_dir", str(out), "--per_device_train_batch_size", "2", "--backend", "fsdp",
                      "--resume_from_checkpoint", "latest", *ARGS]
-    from tests.helpers import free_port, run_cmd
     import sys
 
+    from tests.helpers import free_port, run_cmd
+
+    # Elastic rendezvous (c10d), as for real restartable jobs: each restart meets afresh.
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--max-restarts", "1",
-           "--master_port", str(free_port()), "launch/train.py", *launcher_args]
+           "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{free_port()}", "launch/train.py", *launcher_args]
     proc = run_cmd(cmd, MEZO_DIST_TEST_KILL=f"0:8:{marker}")
     assert marker.exists(), "the fault never fired"
     assert "at step 6" in proc.stdout
