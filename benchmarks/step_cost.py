@@ -118,6 +118,9 @@ def launch(args: argparse.Namespace, backend: str, world: int, out: Path) -> lis
     env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
     cpus = os.cpu_count() or 1
     env.setdefault("OMP_NUM_THREADS", str(max(1, cpus // world)))
+    # glibc raises its mmap threshold after large frees and then keeps freed tensors in the heap,
+    # where the resident set no longer tracks live memory; a fixed threshold keeps it honest.
+    env.setdefault("MALLOC_MMAP_THRESHOLD_", "65536")
     cmd = [sys.executable]
     if world > 1:
         cmd += ["-m", "torch.distributed.run", "--nproc_per_node", str(world), "--master_port", str(29600 + world)]
