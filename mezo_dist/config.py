@@ -37,7 +37,47 @@ class DataArguments:
         metadata={"help": "JSON Lines with a 'text' field (causal-LM loss); default: the embedded "
                   "movie-review sentences (Pang & Lee sentence polarity, train split)."},
     )
-    max_length: int = field(default=128, metadata={"help": "Truncate each example to this many tokens."})
+    max_length: Optional[int] = field(
+        default=None, metadata={"help": "Truncate each example to this many tokens (default: 128 for text, none for tasks)."}
+    )
+
+
+@dataclass
+class TaskArguments:
+    task_name: Optional[str] = field(
+        default=None,
+        metadata={"help": "One of the paper's tasks (SST2, RTE, CB, BoolQ, WSC, WIC, MultiRC, Copa, ReCoRD, SQuAD, "
+                  "DROP, SST5, SNLI, MNLI, TREC) or Polarity. Without it and without --train_file: the "
+                  "embedded default (Polarity on SmolLM2-135M)."},
+    )
+    template: Optional[str] = field(default=None, metadata={"help": "Prompt template ('paper' is the paper's; default: the task's)."})
+    data_dir: Optional[str] = field(
+        default=None, metadata={"help": "Folder of <task>/<split>.jsonl in the official field names (default: the hub via datasets)."}
+    )
+    num_train: int = field(default=1000, metadata={"help": "Training examples sampled, as the paper."})
+    num_dev: int = field(default=500, metadata={"help": "Dev examples (model selection), disjoint from train."})
+    num_eval: int = field(default=1000, metadata={"help": "Evaluation examples."})
+    train_set_seed: int = field(default=0, metadata={"help": "Seed of the train/dev sample."})
+    train_as_classification: bool = field(
+        default=False, metadata={"help": "Cross-entropy over the candidates instead of the gold answer's tokens."}
+    )
+    eval_steps: int = field(default=0, metadata={"help": "Evaluate on dev every N steps and keep the best (0: at the end only)."})
+    eval_only: bool = field(default=False, metadata={"help": "Only evaluate (zero-shot, or ICL with --num_demos)."})
+    num_demos: int = field(default=0, metadata={"help": "In-context demonstrations put before each evaluated example."})
+    non_diff: bool = field(default=False, metadata={"help": "Use the metric itself, negated, as the MeZO loss."})
+    objective: str = field(default="accuracy", metadata={"help": "With --non_diff: accuracy or f1."})
+    max_new_tokens: int = field(default=50, metadata={"help": "Generation length limit (SQuAD, DROP)."})
+    eval_batch_size: int = field(default=8, metadata={"help": "Sequences per forward when scoring."})
+
+
+# The embedded default (no --task_name, no --train_file): chosen so that a 2-core CPU shows a
+# real gain in about ten minutes. Applied only to flags left at their defaults.
+DEMO_DEFAULTS = {
+    "task": {"task_name": "Polarity", "num_train": 1000, "num_dev": 100, "num_eval": 200,
+             "train_as_classification": True, "eval_steps": 50, "eval_batch_size": 16},
+    "zo": {"learning_rate": 1e-5},
+    "run": {"max_steps": 100, "per_device_train_batch_size": 16},
+}
 
 
 @dataclass
@@ -83,6 +123,7 @@ class RunArguments:
 class TrainConfig:
     model: ModelArguments
     data: DataArguments
+    task: TaskArguments
     zo: ZOArguments
     run: RunArguments
 
@@ -90,16 +131,16 @@ class TrainConfig:
 def parse_args(argv: list[str] | None = None) -> TrainConfig:
     from transformers import HfArgumentParser
 
-    parser = HfArgumentParser((ModelArguments, DataArguments, ZOArguments, RunArguments), allow_abbrev=False)
+    parser = HfArgumentParser((ModelArguments, DataArguments, TaskArguments, ZOArguments, RunArguments), allow_abbrev=False)
 
     def one_line(message: str) -> None:  # argparse would print the whole usage first
         raise ConfigError(message)
 
     parser.error = one_line  # type: ignore[method-assign]
-    model, data, zo, run, rest = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
+    model, data, task, zo, run, rest = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
     if rest:
         raise ConfigError(f"unrecognized arguments: {' '.join(rest)}")
-    cfg = TrainConfig(model=model, data=data, zo=zo, run=run)
+    cfg = TrainConfig(model=model, data=data, task=task, zo=zo, run=run)
     resolve_backend(cfg)
     validate(cfg)
     return cfg
@@ -147,7 +188,7 @@ def validate(cfg: TrainConfig) -> None:
         raise ConfigError(f"--per_device_train_batch_size must be >= 1, got {run.per_device_train_batch_size}")
     if run.max_steps < 0:
         raise ConfigError(f"--max_steps must be >= 0, got {run.max_steps}")
-    if cfg.data.max_length < 2:
+    if cfg.data.max_length is not None and cfg.data.max_length < 2:
         raise ConfigError(f"--max_length must be >= 2, got {cfg.data.max_length}")
     for name in ("logging_steps", "save_steps", "warmup_steps", "save_total_limit", "check_replicas_steps"):
         obj = zo if name == "warmup_steps" else run
@@ -158,10 +199,12 @@ def validate(cfg: TrainConfig) -> None:
     elif run.ds_config is not None:
         raise ConfigError(f"--ds_config is for the zero3 backend, not {run.backend}")
     resolve_defaults(cfg)
+    validate_task(cfg)
     from mezo_dist.data import read_jsonl
     from mezo_dist.models import check_model_path
 
-    read_jsonl(cfg.data.train_file)
+    if cfg.data.train_file is not None:
+        read_jsonl(cfg.data.train_file)
     check_model_path(cfg.model.model_name_or_path)
     check_output_dir(cfg)
 
@@ -176,8 +219,14 @@ def resume_fields(cfg: TrainConfig) -> dict[str, Any]:
         "learning_rate": cfg.zo.learning_rate, "lr_scheduler_type": cfg.zo.lr_scheduler_type,
         "warmup_steps": cfg.zo.warmup_steps, "max_length": cfg.data.max_length,
         "global_batch": cfg.run.per_device_train_batch_size * env_world()[1],
-        "train_file_sha256": file_digest(cfg.data.train_file),
     }
+    if cfg.data.train_file is not None:
+        fields["train_file_sha256"] = file_digest(cfg.data.train_file)
+    else:
+        t = cfg.task
+        fields.update(task_name=t.task_name, template=t.template, num_train=t.num_train, num_dev=t.num_dev,
+                      train_set_seed=t.train_set_seed, train_as_classification=t.train_as_classification,
+                      non_diff=t.non_diff, objective=t.objective)
     if cfg.zo.lr_scheduler_type != "constant":
         fields["max_steps"] = cfg.run.max_steps  # the schedule depends on it
     return fields
@@ -214,12 +263,49 @@ def check_output_dir(cfg: TrainConfig) -> None:
 
 def resolve_defaults(cfg: TrainConfig) -> None:
     """Point the embedded defaults at their cached copies, preparing them on first use."""
+    from dataclasses import fields as dc_fields
+
     from mezo_dist import assets
 
     if cfg.model.model_name_or_path == assets.DEFAULT_MODEL:
         cfg.model.model_name_or_path = str(assets.default_model_dir())
-    if cfg.data.train_file is None:
-        cfg.data.train_file = str(assets.default_data_dir() / "train.jsonl")
+    if cfg.task.task_name is None and cfg.data.train_file is None:
+        for group, values in DEMO_DEFAULTS.items():
+            obj = getattr(cfg, group)
+            defaults = {f.name: f.default for f in dc_fields(obj)}
+            for key, value in values.items():
+                if getattr(obj, key) == defaults[key]:
+                    setattr(obj, key, value)
+    if cfg.task.task_name is not None and cfg.task.task_name.lower() == "polarity" and cfg.task.data_dir is None:
+        cfg.task.data_dir = str(assets.default_data_dir())
+
+
+def validate_task(cfg: TrainConfig) -> None:
+    from mezo_dist.tasks import get_task
+
+    t = cfg.task
+    if t.task_name is None:
+        return
+    if cfg.data.train_file is not None:
+        raise ConfigError("--train_file (causal-LM text) and --task_name are exclusive; pass one")
+    task = get_task(t.task_name)
+    task.template(t.template)
+    for name in ("num_train", "num_dev", "num_eval", "eval_steps", "num_demos"):
+        if getattr(t, name) < 0:
+            raise ConfigError(f"--{name} must be >= 0, got {getattr(t, name)}")
+    if t.max_new_tokens < 1 or t.eval_batch_size < 1:
+        raise ConfigError("--max_new_tokens and --eval_batch_size must be >= 1")
+    if t.objective not in ("accuracy", "f1"):
+        raise ConfigError(f"unknown --objective {t.objective!r}; choose one of accuracy, f1")
+    if t.non_diff and (t.objective == "f1") != (task.kind == "generation"):
+        raise ConfigError(f"--objective {t.objective} does not fit task {task.name} ({task.kind}); "
+                          f"use {'f1' if task.kind == 'generation' else 'accuracy'}")
+    if t.train_as_classification and task.kind == "generation":
+        raise ConfigError(f"--train_as_classification needs candidates; task {task.name} is generation")
+    if t.data_dir is not None and not Path(t.data_dir).is_dir():
+        raise ConfigError(f"--data_dir {t.data_dir} does not exist")
+    if not t.eval_only and t.num_train == 0:
+        raise ConfigError("--num_train 0 leaves nothing to train on; use --eval_only for zero-shot")
 
 
 def read_ds_config(path: str | None) -> dict[str, Any]:

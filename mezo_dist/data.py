@@ -75,13 +75,18 @@ class TokenizedText:
         return len(self.ids)
 
 
-class GlobalBatches:
-    """Step t -> this rank's slice of the t-th global batch, as padded tensors."""
+class GlobalOrder:
+    """Step t -> the indices of the t-th global batch, and this rank's contiguous slice of it.
 
-    def __init__(self, data: TokenizedText, *, micro_batch: int, rank: int, world_size: int, seed: int) -> None:
-        self.data = data
+    Examples are visited in a fresh seeded permutation each epoch; the order is a function of
+    (seed, dataset size, global batch) only.
+    """
+
+    def __init__(self, size: int, *, micro_batch: int, rank: int, world_size: int, seed: int) -> None:
+        self.size = size
         self.micro_batch = micro_batch
         self.rank = rank
+        self.world_size = world_size
         self.global_batch = micro_batch * world_size
         self.seed = seed
         self._perms: dict[int, list[int]] = {}
@@ -91,17 +96,30 @@ class GlobalBatches:
             g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
             # A global batch spans at most two epochs; keep those two.
             self._perms = {e: p for e, p in self._perms.items() if e >= epoch - 1}
-            self._perms[epoch] = torch.randperm(len(self.data), generator=g).tolist()
+            self._perms[epoch] = torch.randperm(self.size, generator=g).tolist()
         return self._perms[epoch]
 
     def global_indices(self, step: int) -> list[int]:
-        n = len(self.data)
+        n = self.size
         start = step * self.global_batch
         return [self._perm((start + i) // n)[(start + i) % n] for i in range(self.global_batch)]
 
+    def local_indices(self, step: int) -> list[int]:
+        return self.global_indices(step)[self.rank * self.micro_batch : (self.rank + 1) * self.micro_batch]
+
+
+class TextBatches:
+    """Step t -> this rank's slice of the t-th global batch of texts, as padded tensors."""
+
+    def __init__(self, data: TokenizedText, *, micro_batch: int, rank: int, world_size: int, seed: int) -> None:
+        self.data = data
+        self.order = GlobalOrder(len(data), micro_batch=micro_batch, rank=rank, world_size=world_size, seed=seed)
+        self.micro_batch = micro_batch
+        self.rank = rank
+
     def batch(self, step: int) -> tuple[dict[str, torch.Tensor], int]:
         """(this rank's tensors, number of tokens in the whole global batch)."""
-        idx = self.global_indices(step)
+        idx = self.order.global_indices(step)
         seqs = [self.data.ids[i] for i in idx]
         width = max(len(s) for s in seqs)
         mine = seqs[self.rank * self.micro_batch : (self.rank + 1) * self.micro_batch]

@@ -1,25 +1,23 @@
-"""The training loop: build the placement, resume, run MeZO steps, log, checkpoint, export."""
+"""The training loop: build the placement, resume, run MeZO steps, evaluate, checkpoint, export."""
 
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass, field
 from typing import Any
-
-import torch
-import torch.nn.functional as F
 
 from mezo_dist import faults
 from mezo_dist.checkpoint import load_checkpoint, rotate_checkpoints, save_checkpoint
 from mezo_dist.config import ModelArguments, TrainConfig, read_ds_config, resume_fields
-from mezo_dist.data import GlobalBatches, TokenizedText, read_jsonl
 from mezo_dist.distributed import DistState
 from mezo_dist.errors import TrainingError
 from mezo_dist.export import save_pretrained
 from mezo_dist.metrics import RunLogger
-from mezo_dist.models import DTYPES, load_tokenizer
+from mezo_dist.models import DTYPES, load_config, load_tokenizer
 from mezo_dist.placement.base import Placement
 from mezo_dist.replicas import check_replicas
 from mezo_dist.schedule import lr_schedule
+from mezo_dist.tasks.base import Sample
 from mezo_dist.zo.step import MeZO, StepResult
 
 
@@ -39,38 +37,56 @@ def build_placement(
     from mezo_dist.placement.zero3 import build_zero3
 
     return build_zero3(
-        m.model_name_or_path,
-        read_ds_config(ds_config),
-        state,
-        micro_batch=micro_batch,
-        dtype=dtype,
+        m.model_name_or_path, read_ds_config(ds_config), state, micro_batch=micro_batch, dtype=dtype,
         trust_remote_code=m.trust_remote_code,
     )
 
 
-def causal_lm_loss(placement: Placement, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """(sum of next-token losses, number of target tokens) on this rank's micro-batch."""
-    logits = placement.forward(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-    targets = batch["labels"][:, 1:]
-    per_token = F.cross_entropy(
-        logits[:, :-1].flatten(0, 1).float(), targets.flatten(), ignore_index=-100, reduction="none"
+@dataclass
+class EvalSets:
+    """Samples to score: ``dev`` picks the best step, ``eval`` is reported."""
+
+    dev: list[Sample] = field(default_factory=list)
+    eval: list[Sample] = field(default_factory=list)
+    max_length: int | None = None
+
+
+def build_objective(cfg: TrainConfig, state: DistState, tokenizer):
+    """The training objective and the evaluation sets of the run."""
+    from mezo_dist.objectives import TaskObjective, TextObjective
+
+    run = cfg.run
+    if cfg.data.train_file is not None:
+        from mezo_dist.data import TextBatches, TokenizedText, read_jsonl
+
+        data = TokenizedText.build(read_jsonl(cfg.data.train_file), tokenizer, cfg.data.max_length or 128)
+        batches = TextBatches(data, micro_batch=run.per_device_train_batch_size, rank=state.rank,
+                              world_size=state.world_size, seed=run.seed)
+        return TextObjective(batches, state.device), EvalSets()
+    from mezo_dist.scoring import demonstrations, with_demonstrations
+    from mezo_dist.tasks import get_task
+
+    t = cfg.task
+    task = get_task(t.task_name)
+    train, dev, evals = task.sample_splits(t.num_train, t.num_dev, t.num_eval, t.train_set_seed,
+                                           data_dir=t.data_dir, template=t.template)
+    if t.num_demos:
+        # In-context learning: the same demonstrations, drawn from the train sample, before each example.
+        demos = demonstrations(train, t.num_demos, t.train_set_seed)
+        dev = [with_demonstrations(s, demos) for s in dev]
+        evals = [with_demonstrations(s, demos) for s in evals]
+    # Prompts longer than the model's positions are cut from the left (scoring keeps the answer).
+    max_length = cfg.data.max_length or getattr(
+        load_config(cfg.model.model_name_or_path, trust_remote_code=cfg.model.trust_remote_code),
+        "max_position_embeddings", None,
     )
-    # Summed in float64: per-token losses agree bit for bit across layouts, and a float64 sum
-    # keeps the order of summation (1 process vs N ranks) from showing up in L+ - L-.
-    return per_token.double().sum(), (targets != -100).sum()
-
-
-def make_closure(placement: Placement, batch: dict[str, torch.Tensor], *, poison: bool):
-    calls = {"n": 0}
-
-    def closure():
-        out = causal_lm_loss(placement, batch)
-        calls["n"] += 1
-        if poison and calls["n"] == 2:  # test-only: a NaN on the minus side
-            return out[0] * float("nan"), out[1]
-        return out
-
-    return closure
+    objective = TaskObjective(
+        train, tokenizer, micro_batch=run.per_device_train_batch_size, rank=state.rank,
+        world_size=state.world_size, seed=run.seed, device=state.device,
+        as_classification=t.train_as_classification, non_diff=t.objective if t.non_diff else None,
+        max_length=max_length, max_new_tokens=t.max_new_tokens,
+    )
+    return objective, EvalSets(dev=dev, eval=evals, max_length=max_length)
 
 
 def trajectory_row(res: StepResult, zo: MeZO) -> dict[str, Any]:
@@ -82,75 +98,124 @@ def trajectory_row(res: StepResult, zo: MeZO) -> dict[str, Any]:
     return row
 
 
+class Evaluator:
+    """Scores the eval sets on the placed model (collective) and remembers the best dev step."""
+
+    def __init__(self, cfg: TrainConfig, placement: Placement, tokenizer, sets: EvalSets, logger: RunLogger) -> None:
+        self.cfg, self.placement, self.tokenizer, self.sets, self.logger = cfg, placement, tokenizer, sets, logger
+        self.best: tuple[float, int] | None = None
+
+    def score(self, split: str, step: int) -> dict[str, float]:
+        from mezo_dist.evaluate import evaluate_task
+
+        samples = self.sets.dev if split == "dev" else self.sets.eval
+        if not samples:
+            return {}
+        t = self.cfg.task
+        out = evaluate_task(self.placement, self.tokenizer, samples, metric_prefix=split, batch_size=t.eval_batch_size,
+                            max_new_tokens=t.max_new_tokens, max_length=self.sets.max_length)
+        self.logger.scalars(step, {f"{split}/{k.split('_', 1)[1]}": v for k, v in out.items()})
+        return out
+
+    def headline(self, metrics: dict[str, float], split: str) -> float:
+        return metrics.get(f"{split}_accuracy", metrics.get(f"{split}_f1", float("nan")))
+
+
 def train(cfg: TrainConfig, state: DistState) -> dict[str, Any]:
     run = cfg.run
     tokenizer = load_tokenizer(cfg.model.model_name_or_path, trust_remote_code=cfg.model.trust_remote_code)
-    data = TokenizedText.build(read_jsonl(cfg.data.train_file), tokenizer, cfg.data.max_length)
-    batches = GlobalBatches(
-        data, micro_batch=run.per_device_train_batch_size, rank=state.rank, world_size=state.world_size, seed=run.seed
-    )
-    placement = build_placement(
-        cfg.model, state, backend=run.backend, ds_config=run.ds_config, micro_batch=run.per_device_train_batch_size
-    )
-    zo = MeZO(
-        placement,
-        lr=lr_schedule(cfg.zo.lr_scheduler_type, cfg.zo.learning_rate, run.max_steps, cfg.zo.warmup_steps),
-        eps=cfg.zo.zo_eps,
-        weight_decay=cfg.zo.weight_decay,
-        seed=run.seed,
-    )
-    start, skipped = 0, 0
+    objective, sets = build_objective(cfg, state, tokenizer)
+    placement = build_placement(cfg.model, state, backend=run.backend, ds_config=run.ds_config,
+                                micro_batch=run.per_device_train_batch_size)
+    schedule = lr_schedule(cfg.zo.lr_scheduler_type, cfg.zo.learning_rate, run.max_steps, cfg.zo.warmup_steps)
+    zo = MeZO(placement, lr=schedule, eps=cfg.zo.zo_eps, weight_decay=cfg.zo.weight_decay, seed=run.seed)
+    start, skipped, best = 0, 0, None
     if run.resume_from_checkpoint:
         saved = load_checkpoint(placement, run.resume_from_checkpoint)
         start, skipped = int(saved["step"]), int(saved["skipped_steps"])
+        best = saved.get("best")
         if state.is_main:
             print(f"resumed from {run.resume_from_checkpoint} at step {start}", flush=True)
     zo.step_index = start
-    logger = RunLogger(
-        state, run.output_dir, max_steps=run.max_steps, tensorboard=run.report_to == "tensorboard",
-        progress=not run.disable_tqdm, start_step=start,
-    )
-    fields = resume_fields(cfg)
-    poisoned = faults.nan_steps()
+    steps = 0 if cfg.task.eval_only else run.max_steps
+    logger = RunLogger(state, run.output_dir, max_steps=steps, tensorboard=run.report_to == "tensorboard",
+                       progress=not run.disable_tqdm, start_step=start)
+    evaluator = Evaluator(cfg, placement, tokenizer, sets, logger)
+    if start and best:
+        evaluator.best = (float(best[0]), int(best[1]))
+    results: dict[str, float] = {}
     try:
-        for step in range(start, run.max_steps):
-            faults.maybe_kill(state.rank, step)
-            batch, global_tokens = batches.batch(step)
-            batch = {k: v.to(state.device) for k, v in batch.items()}
-            t0 = time.perf_counter()
-            res = zo.step(make_closure(placement, batch, poison=step in poisoned))
-            dt = time.perf_counter() - t0
-            logger.trajectory(trajectory_row(res, zo))
-            logger.scalars(step, {
-                "train/loss": res.loss, "train/projected_grad": res.projected_grad, "train/lr": res.lr,
-                "perf/step_time_s": dt, "perf/tokens_per_s": 2 * global_tokens / dt,
-            })
-            logger.progress({"loss": res.loss, "g": res.projected_grad})
-            if res.skipped:
-                skipped += 1
-                logger.scalars(step, {"train/skipped_steps": skipped})
-                if state.is_main:
-                    print(f"step {step}: non-finite loss ({res.loss_plus}, {res.loss_minus}); update skipped", flush=True)
-                if 0 <= run.max_skipped_steps < skipped:
-                    raise TrainingError(
-                        f"{skipped} steps had a non-finite loss, more than --max_skipped_steps {run.max_skipped_steps}"
-                    )
-            done = step + 1
-            faults.maybe_drift(state.rank, step, placement)
-            if run.check_replicas_steps and placement.name == "single" and done % run.check_replicas_steps == 0:
-                check_replicas(placement, step=done)
-            if run.logging_steps and done % run.logging_steps == 0:
-                logger.memory(step)
-            if run.save_steps and done % run.save_steps == 0:
-                trainer_state = {"step": done, "skipped_steps": skipped, "backend": run.backend, "run": fields}
-                save_checkpoint(placement, f"{run.output_dir}/checkpoint-{done}", trainer_state)
-                if state.is_main:
-                    rotate_checkpoints(run.output_dir, run.save_total_limit)
+        if sets.eval and start == 0:
+            before = evaluator.score("eval", 0)
+            results.update({f"initial_{k}": v for k, v in before.items()})
+            say(state, f"before training: {before}")
+        if cfg.task.eval_only:
+            results.update({k.replace("initial_", ""): v for k, v in results.items()})
+            logger.write_json("eval_results.json", results)
+            return results
+        skipped = _loop(cfg, state, placement, zo, objective, evaluator, logger, start, skipped)
+        if evaluator.best is not None:
+            best_metric, best_step = evaluator.best
+            load_checkpoint(placement, f"{run.output_dir}/checkpoint-best")
+            results.update(best_dev=best_metric, best_step=best_step)
+        if sets.eval:
+            after = evaluator.score("eval", run.max_steps)
+            results.update(after)
+            say(state, f"after training: {after}")
         peaks = logger.memory(run.max_steps)
         save_pretrained(placement, tokenizer, f"{run.output_dir}/final")
+        if results:
+            logger.write_json("eval_results.json", results)
         summary = {"steps": run.max_steps, "skipped_steps": skipped, "backend": run.backend,
                    "world_size": state.world_size, "resumed_from_step": start, "peak_memory_bytes_per_rank": peaks}
         logger.write_json("train_results.json", summary)
-        return summary
+        return summary | results
     finally:
         logger.close()
+
+
+def _loop(cfg, state, placement, zo, objective, evaluator, logger, start, skipped) -> int:
+    run, fields = cfg.run, resume_fields(cfg)
+    for step in range(start, run.max_steps):
+        faults.maybe_kill(state.rank, step)
+        closure, units = objective.closure(placement, step)
+        t0 = time.perf_counter()
+        res = zo.step(closure)
+        dt = time.perf_counter() - t0
+        logger.trajectory(trajectory_row(res, zo))
+        logger.scalars(step, {"train/loss": res.loss, "train/projected_grad": res.projected_grad,
+                              "train/lr": res.lr, "perf/step_time_s": dt, f"perf/{objective.unit}_per_s": 2 * units / dt})
+        logger.progress({"loss": res.loss, "g": res.projected_grad})
+        if res.skipped:
+            skipped += 1
+            logger.scalars(step, {"train/skipped_steps": skipped})
+            say(state, f"step {step}: non-finite loss ({res.loss_plus}, {res.loss_minus}); update skipped")
+            if 0 <= run.max_skipped_steps < skipped:
+                raise TrainingError(
+                    f"{skipped} steps had a non-finite loss, more than --max_skipped_steps {run.max_skipped_steps}"
+                )
+        done = step + 1
+        faults.maybe_drift(state.rank, step, placement)
+        if run.check_replicas_steps and placement.name == "single" and done % run.check_replicas_steps == 0:
+            check_replicas(placement, step=done)
+        if run.logging_steps and done % run.logging_steps == 0:
+            logger.memory(step)
+        if cfg.task.eval_steps and done % cfg.task.eval_steps == 0 and evaluator.sets.dev:
+            metric = evaluator.headline(evaluator.score("dev", done), "dev")
+            say(state, f"step {done}: dev {metric:.4f}")
+            if evaluator.best is None or metric > evaluator.best[0]:
+                evaluator.best = (metric, done)
+                save_checkpoint(placement, f"{run.output_dir}/checkpoint-best",
+                                {"step": done, "skipped_steps": skipped, "backend": run.backend, "run": fields})
+        trainer_state = {"step": done, "skipped_steps": skipped, "backend": run.backend, "run": fields,
+                         "best": evaluator.best}
+        if run.save_steps and done % run.save_steps == 0:
+            save_checkpoint(placement, f"{run.output_dir}/checkpoint-{done}", trainer_state)
+            if state.is_main:
+                rotate_checkpoints(run.output_dir, run.save_total_limit)
+    return skipped
+
+
+def say(state: DistState, msg: str) -> None:
+    if state.is_main:
+        print(msg, flush=True)

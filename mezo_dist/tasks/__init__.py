@@ -9,8 +9,9 @@ from mezo_dist.errors import ConfigError
 from mezo_dist.tasks import glue, qa, superglue
 from mezo_dist.tasks.base import Sample, Task, Template
 
+# The paper's tasks in the reference's spelling, then the embedded default.
 _ORDER = ("SST2", "RTE", "CB", "BoolQ", "WSC", "WIC", "MultiRC", "Copa", "ReCoRD", "SQuAD", "DROP",
-          "SST5", "SNLI", "MNLI", "TREC")
+          "SST5", "SNLI", "MNLI", "TREC", "Polarity")
 
 _BY_NAME: dict[str, Task] = {t.name: t for t in (*glue.TASKS, *superglue.TASKS, *qa.TASKS)}
 assert set(_BY_NAME) == set(_ORDER), sorted(set(_BY_NAME) ^ set(_ORDER))

@@ -197,6 +197,8 @@ class Task:
         import datasets  # imported here: loading the library is slow and local runs do not need it
 
         path, config = self.hub
+        if not path:
+            raise ConfigError(f"task {self.name} has no hub copy; pass --data_dir")
         ds = datasets.load_dataset(path, config, split=stem)
         return [dict(r) for r in ds]
 

@@ -127,14 +127,22 @@ def _t(name: str, fn, description: str) -> Template:
     return Template(name=name, build=fn, description=description)
 
 
+SST2_TEMPLATES = {
+    "paper": _t("paper", _sst2_paper, "<sentence> It was -> terrible/great"),
+    "review": _t("review", _sst2_review, "Review: <sentence>\\nSentiment: -> negative/positive"),
+}
+
 TASKS: list[Task] = [
+    # The embedded default: Pang & Lee sentence polarity (the corpus SST was built from), read
+    # from the local cache that mezo_dist.assets builds; it has no hub copy.
+    Task(
+        name="Polarity", kind="classification", metric="accuracy", templates=SST2_TEMPLATES,
+        default_template="review", hub=("", None),
+        splits={"train": "train", "validation": "validation"}, task_dir="polarity",
+    ),
     Task(
         name="SST2", kind="classification", metric="accuracy",
-        templates={
-            "paper": _t("paper", _sst2_paper, "<sentence> It was -> terrible/great"),
-            "review": _t("review", _sst2_review, "Review: <sentence>\\nSentiment: -> negative/positive"),
-        },
-        default_template="review", hub=("glue", "sst2"),
+        templates=SST2_TEMPLATES, default_template="review", hub=("glue", "sst2"),
         splits={"train": "train", "validation": "validation"}, task_dir="sst2",
     ),
     Task(

@@ -1,0 +1,119 @@
+"""Task evaluation on a sharded model gives the metrics of one process.
+
+Under FSDP2 and ZeRO-3 every forward is collective, so ranks scoring different samples must still
+make the same number of forward calls; ``evaluate_task`` balances them with dummy forwards.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from mezo_dist.distributed import DistState
+from mezo_dist.errors import ConfigError
+from tests.distributed.test_equivalence import zero3_config
+from tests.helpers import launch
+
+WORKER = "tests/distributed/workers/eval_worker.py"
+BACKENDS = [("single", "python"), ("fsdp", "torchrun"), ("zero3", "torchrun")]
+
+
+@pytest.fixture(scope="module")
+def reports(tiny_models, real_data, tmp_path_factory) -> dict[str, dict]:
+    tmp = tmp_path_factory.mktemp("sharded_eval")
+    out = {}
+    for backend, launcher in BACKENDS:
+        path = tmp / f"{backend}.json"
+        args = [backend, str(tiny_models["opt"]), str(real_data), str(path)]
+        if backend == "zero3":
+            args.append(zero3_config(tmp, 0))
+        launch(launcher, WORKER, args)
+        out[backend] = json.loads(path.read_text())
+    return out
+
+
+def test_sharded_metrics_equal_one_process(reports):
+    ref = reports["single"]
+    assert ref["world_size"] == 1
+    assert ref["metrics"]["cls24"]["cls24_count"] == 24
+    assert ref["metrics"]["cls23"]["cls23_count"] == 23
+    assert ref["metrics"]["gen6"]["gen6_count"] == 6
+    for backend in ("fsdp", "zero3"):
+        got = reports[backend]
+        assert got["world_size"] == 2
+        for name in ("cls24", "cls23"):
+            assert got["metrics"][name] == ref["metrics"][name], (backend, name)
+        gen, gen_ref = got["metrics"]["gen6"], ref["metrics"]["gen6"]
+        assert set(gen) == {"gen6_f1", "gen6_exact_match", "gen6_count"}
+        for k in gen:
+            assert abs(gen[k] - gen_ref[k]) <= 1e-9, (backend, k, gen, gen_ref)
+
+
+def test_rank0_predictions_match_one_process(reports):
+    # A random tiny model's metrics say little (F1 is likely 0); its per-sample predictions
+    # (candidate index, generated text) must also be those of one process.
+    ref = reports["single"]["predictions"]
+    for backend in ("fsdp", "zero3"):
+        got = reports[backend]["predictions"]
+        for name, n in (("cls24", 24), ("cls23", 23), ("gen6", 6)):
+            assert sorted(got[name], key=int) == [str(i) for i in range(0, n, 2)], (backend, name)
+            assert {i: ref[name][i] for i in got[name]} == got[name], (backend, name)
+
+
+def test_every_rank_makes_the_same_number_of_forwards(reports):
+    single = reports["single"]["forwards"]
+    assert all(f == [{"total": f[0]["total"], "dummy": 0}] for f in single.values()), single
+    for backend in ("fsdp", "zero3"):
+        fw = reports[backend]["forwards"]
+        for name, per_rank in fw.items():
+            assert len(per_rank) == 2
+            assert per_rank[0]["total"] == per_rank[1]["total"], (backend, name, per_rank)
+        # 23 samples x 2 candidates, 2 sequences a call: rank 0 makes 12 calls, rank 1 makes 11
+        # and one dummy forward.
+        assert fw["cls23"] == [{"total": 12, "dummy": 0}, {"total": 12, "dummy": 1}], (backend, fw["cls23"])
+        assert fw["cls24"] == [{"total": 3, "dummy": 0}, {"total": 3, "dummy": 0}], (backend, fw["cls24"])
+
+
+# ------------------------------------------------------------------------------- in-process (1 rank)
+@pytest.fixture(scope="module")
+def single(tiny_models):
+    from mezo_dist.config import ModelArguments
+    from mezo_dist.models import load_tokenizer
+    from mezo_dist.train import build_placement
+
+    state = DistState(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"), backend="")
+    path = str(tiny_models["opt"])
+    placement = build_placement(ModelArguments(model_name_or_path=path, torch_dtype="float32"), state,
+                                backend="single", ds_config=None, micro_batch=1)
+    return placement, load_tokenizer(path)
+
+
+def test_agrees_with_scoring_evaluate_in_one_process(single, real_data):
+    from mezo_dist.evaluate import balance_forwards, evaluate_task
+    from mezo_dist.scoring import evaluate
+    from mezo_dist.tasks import get_task
+
+    placement, tok = single
+    sst2, squad = get_task("SST2"), get_task("SQuAD")
+    cls = [sst2.build(r) for r in sst2.load("validation", data_dir=real_data)[:24]]
+    gen = [squad.build(r) for r in squad.load("validation", data_dir=real_data)[:4]]
+
+    preds: dict = {}
+    got = evaluate_task(placement, tok, cls, max_length=128, predictions=preds)
+    want = evaluate(placement.forward, tok, cls, device="cpu", max_length=128)
+    assert got == {"eval_accuracy": want["accuracy"], "eval_count": 24}
+    assert sorted(preds) == list(range(24)) and set(preds.values()) <= {0, 1}
+
+    got = evaluate_task(placement, tok, gen, metric_prefix="dev", max_new_tokens=6, max_length=128)
+    want = evaluate(placement.forward, tok, gen, device="cpu", max_new_tokens=6, max_length=128)
+    assert got == {"dev_f1": want["f1"], "dev_exact_match": want["exact_match"], "dev_count": 4}
+
+    # One process: no collective, no dummy forward.
+    assert balance_forwards(placement, 5) == 5
+
+    with pytest.raises(ConfigError):
+        evaluate_task(placement, tok, [])
+    with pytest.raises(ConfigError):
+        evaluate_task(placement, tok, cls[:2] + gen[:1])
