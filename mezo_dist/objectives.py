@@ -87,19 +87,25 @@ class TaskObjective:
         self.max_length, self.max_new_tokens = max_length, max_new_tokens
 
     def closure(self, placement: Placement, step: int) -> tuple[Closure, int]:
+        from mezo_dist.scoring import encoded_width
+
         mine = [self.samples[i] for i in self.order.local_indices(step)]
         if self.non_diff:
             fn = lambda: self._negated_metric(placement, mine)  # noqa: E731
         else:
-            fn = lambda: self._loss(placement, mine)  # noqa: E731
+            # Every rank pads to the global batch's longest sequence: one process would.
+            width = encoded_width(self.tokenizer, [self.samples[i] for i in self.order.global_indices(step)],
+                                  as_classification=self.as_classification, max_length=self.max_length)
+            fn = lambda: self._loss(placement, mine, width)  # noqa: E731
         return (_poisoned(fn) if step in faults.nan_steps() else fn), len(mine) * self.order.world_size
 
-    def _loss(self, placement: Placement, mine: list[Sample]):
+    def _loss(self, placement: Placement, mine: list[Sample], width: int):
         from mezo_dist.scoring import candidate_loss
 
         # One forward call per rank (batch_size=None): sharded engines need equal call counts.
         total, count = candidate_loss(placement.forward, self.tokenizer, mine, device=self.device,
-                                      as_classification=self.as_classification, max_length=self.max_length)
+                                      as_classification=self.as_classification, max_length=self.max_length,
+                                      pad_to=width)
         return total.double(), count.double()
 
     def _negated_metric(self, placement: Placement, mine: list[Sample]):

@@ -50,6 +50,17 @@ def _left_truncate(ids: list[int], max_length: int, bos_id: int | None) -> tuple
     return ids[:head] + ids[head + cut:], cut
 
 
+def encoded_width(tokenizer, samples: Sequence[Sample], *, as_classification: bool,
+                  max_length: int | None = None) -> int:
+    """The longest encoded (context, continuation) of ``samples``: what ``pad_to`` should be for a
+    global batch whose shares are scored on different ranks."""
+    if as_classification:
+        pairs = [(s.context, c) for s in samples for c in s.candidates]
+    else:
+        pairs = [(s.context, s.target) for s in samples]
+    return max((len(ids) for ids, _ in _encode_pairs(tokenizer, pairs, max_length)), default=0)
+
+
 def _encode_pairs(tokenizer, pairs: Sequence[tuple[str, str]], max_length: int | None) -> list[tuple[list[int], int]]:
     """Token ids of ``context + continuation`` and the index where the continuation's tokens start."""
     if not pairs:
@@ -84,8 +95,12 @@ def _logits(forward: Forward, input_ids: torch.Tensor, attention_mask: torch.Ten
 
 
 def _token_logprob_sums(forward: Forward, tokenizer, seqs: list[tuple[list[int], int]], *, device,
-                        batch_size: int | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per sequence: the summed log-probability of its continuation tokens, and their count."""
+                        batch_size: int | None, pad_to: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per sequence: the summed log-probability of its continuation tokens, and their count.
+
+    ``pad_to`` pads every batch to at least that width, so that ranks scoring different shares
+    of one global batch run forwards of the same shape (the same kernels, the same rounding).
+    """
     if not seqs:
         z = torch.zeros(0, device=device)
         return z, z
@@ -97,7 +112,7 @@ def _token_logprob_sums(forward: Forward, tokenizer, seqs: list[tuple[list[int],
     counts: list[int] = []
     for b in range(0, len(seqs), bs):
         chunk = seqs[b:b + bs]
-        width = max(len(ids) for ids, _ in chunk)
+        width = max(max(len(ids) for ids, _ in chunk), pad_to or 0)
         input_ids = torch.full((len(chunk), width), pad, dtype=torch.long)
         mask = torch.zeros((len(chunk), width), dtype=torch.long)
         for i, (ids, _) in enumerate(chunk):
@@ -154,7 +169,7 @@ def predict(forward: Forward, tokenizer, samples: Sequence[Sample], *, device: t
 
 def candidate_loss(forward: Forward, tokenizer, samples: Sequence[Sample], *, device: torch.device | str,
                    as_classification: bool, batch_size: int | None = None,
-                   max_length: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                   max_length: int | None = None, pad_to: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Training loss as ``(sum, count)``, so the mean over ranks is ``all_reduce(sum) / all_reduce(count)``.
 
     Args:
@@ -164,6 +179,7 @@ def candidate_loss(forward: Forward, tokenizer, samples: Sequence[Sample], *, de
             tokens (the gold candidate, or ``answer_prefix + answers[0]`` for generation samples),
             summed over tokens; count = number of target tokens.
         batch_size: sequences per forward call; None scores everything in one call.
+        pad_to: pad to at least this width (see ``_token_logprob_sums``).
 
     Gradients flow through the result when the caller enables them (first-order baselines);
     MeZO callers wrap the call in ``torch.no_grad()``.
@@ -174,18 +190,20 @@ def candidate_loss(forward: Forward, tokenizer, samples: Sequence[Sample], *, de
                 raise ConfigError(f"sample {i} has no candidates, so it cannot be trained as classification")
         pairs = [(s.context, c) for s in samples for c in s.candidates]
         sums, counts = _token_logprob_sums(forward, tokenizer, _encode_pairs(tokenizer, pairs, max_length),
-                                           device=device, batch_size=batch_size)
+                                           device=device, batch_size=batch_size, pad_to=pad_to)
         scores = sums / counts
-        total, k = scores.new_zeros(()), 0
+        # Accumulated in float64: per-sample terms agree across layouts, their sum must not
+        # depend on how the samples were split over ranks (L+ - L- is divided by 2 eps).
+        total, k = scores.new_zeros((), dtype=torch.float64), 0
         for s in samples:
             n = len(s.candidates)
-            total = total - torch.log_softmax(scores[k:k + n], dim=0)[s.gold]
+            total = total - torch.log_softmax(scores[k:k + n], dim=0)[s.gold].double()
             k += n
         return total, torch.tensor(float(len(samples)), device=total.device)
     pairs = [(s.context, s.target) for s in samples]
     sums, counts = _token_logprob_sums(forward, tokenizer, _encode_pairs(tokenizer, pairs, max_length),
-                                       device=device, batch_size=batch_size)
-    return -sums.sum(), counts.sum()
+                                       device=device, batch_size=batch_size, pad_to=pad_to)
+    return -sums.double().sum(), counts.sum()
 
 
 # --------------------------------------------------------------------------------------- generation
