@@ -40,9 +40,11 @@ def main(argv: list[str] | None = None) -> int:
         state = init_distributed(use_deepspeed=cfg.run.backend == "zero3", need_group=cfg.run.backend == "fsdp")
         quiet_other_ranks(state)
         summary = train(cfg, state)
-        if state.is_main:
+        if state.is_main and "steps" in summary:
             print(f"done: {summary['steps']} steps on {summary['backend']} x{summary['world_size']}; "
                   f"model in {cfg.run.output_dir}/final", flush=True)
+        elif state.is_main:
+            print(f"done: evaluation only; metrics in {cfg.run.output_dir}/eval_results.json", flush=True)
         return 0
     except ConfigError as e:
         say(str(e))

@@ -2,12 +2,12 @@
 
 Under FSDP2 and ZeRO-3 every forward pass is collective (parameters are gathered inside it), so
 every rank must make the same number of forward calls, although ranks score different samples and
-greedy generation stops at different lengths. Each rank therefore scores its share (samples r,
-r + W, r + 2W, ...) with the helpers of :mod:`mezo_dist.scoring` while counting its forward calls,
-the ranks agree on the largest count (one MAX all-reduce), the ranks that made fewer run dummy
-forwards up to it, and one SUM all-reduce of (count, correct, f1 sum, exact-match sum) gives every
-rank the metrics of the whole list, the same as one process computes (up to float64 summation
-order for F1 and exact match; accuracy exactly).
+greedy generation stops at different lengths. Each rank scores its share (samples r, r + W,
+r + 2W, ...) with the helpers of :mod:`mezo_dist.scoring` through a :class:`BalancedForward`,
+which keeps the ranks' forwards in step and lets a rank that is done join the others' remaining
+forwards with dummy ones. One SUM all-reduce of (count, correct, f1 sum, exact-match sum) then
+gives every rank the metrics of the whole list, as one process computes them (accuracy exactly;
+F1 and exact match up to the float64 summation order).
 """
 
 from __future__ import annotations
@@ -32,42 +32,60 @@ def _world(placement: Placement) -> int:
     return dist.get_world_size() if dist.is_initialized() else 1
 
 
-def balance_forwards(placement: Placement, calls: int, *, token_id: int = 0,
-                     num_samples: int | None = None) -> int:
-    """Run dummy forwards until this rank has made as many forward calls as the busiest rank.
+class BalancedForward:
+    """``placement.forward`` for ranks that make different numbers of forward calls.
 
-    Collective: every rank must call it once, after its own forwards. One MAX all-reduce finds the
-    largest ``calls`` over ranks, then this rank runs ``max - calls`` forwards of a 1x1 input
-    (``token_id``, which must be a valid id) under ``torch.no_grad()``: each joins the parameter
-    gathers the other ranks' real forwards issue. Without a process group, or with one rank,
-    nothing is issued.
+    Under FSDP2 and ZeRO-3 a forward gathers parameters collectively, so a rank that has run out
+    of work must keep joining the forwards of the others; and the ranks cannot compare their
+    call counts *after* the fact, because a rank with more calls would then sit in a parameter
+    gather while the others sit in the count's all-reduce (a deadlock). So the ranks go in
+    rounds: before each real forward a rank all-reduces (MAX) "I want a forward"; once done,
+    :meth:`finish` answers "no" and runs a dummy forward (1x1 input of ``token_id``, under
+    ``torch.no_grad()``) every round in which another rank still wants one, until none does.
+    Each round costs one all-reduce of three integers next to the forward's own gathers; every
+    rank makes max-over-ranks forward calls. Without a process group, or with one rank, it is
+    the plain forward and issues no collective.
 
     Args:
-        calls: forward calls this rank made since the ranks were last in step.
-        num_samples: if given, also checks in the same all-reduce that every rank was given the
-            same number of samples (raises ``ValueError`` on every rank otherwise, before any
-            dummy forward, so no rank is left waiting).
-
-    Returns:
-        The number of forward calls every rank has made after balancing.
+        token_id: a valid token id for the dummy forwards.
+        num_samples: if given, every round also checks that all ranks were given the same number
+            of samples, and raises ``ValueError`` on every rank at the first round otherwise.
     """
-    if _world(placement) == 1:
-        return calls
-    n = 0 if num_samples is None else num_samples
-    # max(n) and max(-n) together are max and min: they agree only if every rank passed the same n.
-    t = torch.tensor([calls, n, -n], dtype=torch.long, device=placement.state.device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    target, n_max, neg_n_min = (int(v) for v in t.tolist())
-    if n_max != -neg_n_min:
-        raise ValueError(f"ranks were given different numbers of samples (from {-neg_n_min} to {n_max})")
-    if calls > target:  # cannot happen with a consistent all-reduce; guard against misuse
-        raise RuntimeError(f"rank {placement.state.rank} made {calls} forwards, more than the maximum {target}")
-    if calls < target:
-        x = torch.full((1, 1), token_id, dtype=torch.long, device=placement.state.device)
+
+    def __init__(self, placement: Placement, *, token_id: int = 0, num_samples: int | None = None) -> None:
+        self.placement = placement
+        self.token_id = token_id
+        self.num_samples = 0 if num_samples is None else num_samples
+        self.world = _world(placement)
+        self.calls = 0  # real forwards of this rank
+        self.dummies = 0  # balancing forwards of this rank
+
+    def _anyone_wants(self, want: bool) -> bool:
+        n = self.num_samples
+        # max(n) and max(-n) give max and min: they agree only if every rank passed the same n.
+        t = torch.tensor([int(want), n, -n], dtype=torch.long, device=self.placement.state.device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        wanted, n_max, neg_n_min = (int(v) for v in t.tolist())
+        if n_max != -neg_n_min:
+            raise ValueError(f"ranks were given different numbers of samples (from {-neg_n_min} to {n_max})")
+        return bool(wanted)
+
+    def __call__(self, **batch: Any) -> Any:
+        if self.world > 1:
+            self._anyone_wants(True)  # the others learn that a round is on
+        self.calls += 1
+        return self.placement.forward(**batch)
+
+    def finish(self) -> int:
+        """Collective: join the other ranks' remaining forwards; returns the dummy forwards run."""
+        if self.world == 1:
+            return 0
+        x = torch.full((1, 1), self.token_id, dtype=torch.long, device=self.placement.state.device)
         with torch.no_grad():
-            for _ in range(target - calls):
-                placement.forward(input_ids=x, attention_mask=torch.ones_like(x))
-    return target
+            while self._anyone_wants(False):
+                self.placement.forward(input_ids=x, attention_mask=torch.ones_like(x))
+                self.dummies += 1
+        return self.dummies
 
 
 def _dummy_token(tokenizer) -> int:
@@ -105,6 +123,8 @@ def evaluate_task(
     generation = all(s.is_generation for s in samples)
     if not generation and any(s.is_generation for s in samples):
         raise ConfigError("cannot evaluate generation and candidate samples together")
+    if batch_size < 1:
+        raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
     if not generation:
         # Encode every sample on every rank first: a sample the helpers refuse (a candidate that
         # does not fit max_length) must stop all ranks together, not one rank while the others
@@ -119,29 +139,23 @@ def evaluate_task(
     index = list(range(rank, len(samples), world))
     share = [samples[i] for i in index]
 
-    calls = 0
-
-    def counted(**batch: Any) -> Any:
-        nonlocal calls
-        calls += 1
-        return placement.forward(**batch)
-
+    forward = BalancedForward(placement, token_id=_dummy_token(tokenizer), num_samples=len(samples))
     placement.eval()
     correct = f1_sum = em_sum = 0.0
     with torch.no_grad():
         if generation:
-            preds: list[Any] = greedy_generate(counted, tokenizer, [s.context for s in share], device=state.device,
+            preds: list[Any] = greedy_generate(forward, tokenizer, [s.context for s in share], device=state.device,
                                                max_new_tokens=max_new_tokens, max_length=max_length)
             for s, p in zip(share, preds):
                 f1_sum += f1(p, s.answers)
                 em_sum += exact_match(p, s.answers)
         else:
-            preds = predict(counted, tokenizer, share, device=state.device, batch_size=batch_size,
+            preds = predict(forward, tokenizer, share, device=state.device, batch_size=batch_size,
                             max_length=max_length)
             correct = float(sum(int(s.is_correct(p)) for s, p in zip(share, preds)))
         if predictions is not None:
             predictions.update(zip(index, preds))
-        balance_forwards(placement, calls, token_id=_dummy_token(tokenizer), num_samples=len(samples))
+        forward.finish()
 
     # One SUM all-reduce of the per-rank sums; float64 keeps integer counts exact.
     totals = torch.tensor([len(share), correct, f1_sum, em_sum], dtype=torch.float64, device=state.device)

@@ -1,7 +1,7 @@
 """Worker for sharded-evaluation tests: task metrics on 1 process, 2-rank FSDP2 or 2-rank ZeRO-3.
 
 Builds the placement with the project's own builders, evaluates SST2 (24 and 23 validation rows:
-equal and unequal shares) and SQuAD (6 validation rows, greedy decoding) with
+equal and unequal shares) and SQuAD (6 and 5 validation rows, greedy decoding) with
 ``mezo_dist.evaluate.evaluate_task``, and writes on rank 0 a JSON report: the metrics, rank 0's
 predictions by sample index, and every rank's forward calls per evaluation (total, and how many
 of them were the 1x1 balancing forwards).
@@ -51,6 +51,7 @@ def main() -> None:
             "cls24": dict(samples=cls, batch_size=8),
             "cls23": dict(samples=cls[:23], batch_size=2),  # 12 vs 11 forwards: balancing needed
             "gen6": dict(samples=gen, max_new_tokens=8),
+            "gen5": dict(samples=gen[:5], max_new_tokens=8),  # 3 vs 2 samples: rank 1 must keep joining
         }
         report = {"backend": backend, "world_size": state.world_size, "metrics": {}, "predictions": {},
                   "forwards": {}}
