@@ -128,18 +128,24 @@ class TrainConfig:
     run: RunArguments
 
 
-def parse_args(argv: list[str] | None = None) -> TrainConfig:
+def parse_into(types: tuple[type, ...], argv: list[str] | None) -> tuple[Any, ...]:
+    """Parse ``argv`` into the dataclasses ``types``; any argparse complaint is one ConfigError."""
     from transformers import HfArgumentParser
 
-    parser = HfArgumentParser((ModelArguments, DataArguments, TaskArguments, ZOArguments, RunArguments), allow_abbrev=False)
+    parser = HfArgumentParser(types, allow_abbrev=False)
 
     def one_line(message: str) -> None:  # argparse would print the whole usage first
         raise ConfigError(message)
 
     parser.error = one_line  # type: ignore[method-assign]
-    model, data, task, zo, run, rest = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
+    *parsed, rest = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
     if rest:
         raise ConfigError(f"unrecognized arguments: {' '.join(rest)}")
+    return tuple(parsed)
+
+
+def parse_args(argv: list[str] | None = None) -> TrainConfig:
+    model, data, task, zo, run = parse_into((ModelArguments, DataArguments, TaskArguments, ZOArguments, RunArguments), argv)
     cfg = TrainConfig(model=model, data=data, task=task, zo=zo, run=run)
     resolve_backend(cfg)
     validate(cfg)

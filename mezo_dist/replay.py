@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-from mezo_dist.config import BACKENDS, ModelArguments, read_ds_config
+from mezo_dist.config import BACKENDS, ModelArguments, parse_into, read_ds_config
 from mezo_dist.errors import ConfigError
 
 
@@ -66,20 +66,10 @@ def replay(placement, rows: list[dict[str, Any]]) -> None:
 def main(argv: list[str] | None = None) -> int:
     import sys
 
-    from transformers import HfArgumentParser
-
     from mezo_dist.cli import quiet_other_ranks, say
 
-    parser = HfArgumentParser((ModelArguments, ReplayArguments), allow_abbrev=False)
-
-    def one_line(message: str) -> None:
-        raise ConfigError(message)
-
-    parser.error = one_line  # type: ignore[method-assign]
     try:
-        model_args, args, rest = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
-        if rest:
-            raise ConfigError(f"unrecognized arguments: {' '.join(rest)}")
+        model_args, args = parse_into((ModelArguments, ReplayArguments), argv)
         if not args.output_dir:
             raise ConfigError("--output_dir is required")
         rows = read_trajectory(args.trajectory)
