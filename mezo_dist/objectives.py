@@ -109,25 +109,23 @@ class TaskObjective:
         return total.double(), count.double()
 
     def _negated_metric(self, placement: Placement, mine: list[Sample]):
-        from mezo_dist.evaluate import balance_forwards
         from mezo_dist.metrics_text import f1
         from mezo_dist.scoring import greedy_generate, predict
 
-        calls = {"n": 0}
-
-        def counted(**kw):
-            calls["n"] += 1
-            return placement.forward(**kw)
-
         if self.non_diff == "f1":
-            preds = greedy_generate(counted, self.tokenizer, [s.context for s in mine], device=self.device,
+            from mezo_dist.evaluate import BalancedForward
+
+            # Generation stops at different lengths on different ranks, and every forward of a
+            # sharded model is collective: the ranks agree before each forward, pad with dummies.
+            forward = BalancedForward(placement, token_id=int(self.tokenizer.pad_token_id or 0), num_samples=len(mine))
+            preds = greedy_generate(forward, self.tokenizer, [s.context for s in mine], device=self.device,
                                     max_new_tokens=self.max_new_tokens, max_length=self.max_length)
+            forward.finish()
             score = sum(f1(p, s.answers) for p, s in zip(preds, mine))
         else:
+            # All candidates in one forward: every rank makes exactly one call, no balancing needed.
             pairs = sum(len(s.candidates) for s in mine)
-            preds = predict(counted, self.tokenizer, mine, device=self.device, batch_size=max(1, pairs),
+            preds = predict(placement.forward, self.tokenizer, mine, device=self.device, batch_size=max(1, pairs),
                             max_length=self.max_length)
             score = sum(float(s.is_correct(p)) for p, s in zip(preds, mine))
-        # Generation stops at different lengths on different ranks; sharded forwards must pair up.
-        balance_forwards(placement, calls["n"], token_id=int(self.tokenizer.pad_token_id or 0))
         return torch.tensor(-score, dtype=torch.float64), torch.tensor(float(len(mine)), dtype=torch.float64)

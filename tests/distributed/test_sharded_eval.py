@@ -30,7 +30,8 @@ def reports(tiny_models, real_data, tmp_path_factory) -> dict[str, dict]:
         args = [backend, str(tiny_models["opt"]), str(real_data), str(path)]
         if backend == "zero3":
             args.append(zero3_config(tmp, 0))
-        launch(launcher, WORKER, args)
+        # A forward-count mismatch deadlocks the ranks: fail in minutes, not at the default 10.
+        launch(launcher, WORKER, args, timeout=240)
         out[backend] = json.loads(path.read_text())
     return out
 

@@ -1,0 +1,83 @@
+"""benchmarks/fidelity.py: end to end on a tiny random-weight model (smoke), and its pure helpers."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.helpers import ROOT, run_cmd
+
+SCRIPT = ROOT / "benchmarks" / "fidelity.py"
+
+
+def _load():
+    if "fidelity_bench" in sys.modules:
+        return sys.modules["fidelity_bench"]
+    spec = importlib.util.spec_from_file_location("fidelity_bench", SCRIPT)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules["fidelity_bench"] = mod  # dataclasses look their module up while the class is built
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_fidelity_smoke(tiny_models: dict[str, Path], real_data: Path, tmp_path: Path) -> None:
+    pytest.importorskip("matplotlib")
+    out = tmp_path / "results"
+    run_cmd([sys.executable, str(SCRIPT), "--model_name_or_path", str(tiny_models["opt"]), "--data_dir", str(real_data),
+             "--tasks", "SST2", "--templates", "paper", "--steps", "2", "--eval_steps", "1", "--num_eval", "8",
+             "--num_dev", "4", "--num_demos", "2", "--max_length", "256", "--results", str(out)], timeout=300)
+    for ext in ("json", "md", "png"):
+        assert (out / f"fidelity.{ext}").is_file(), ext
+    assert (out / "fidelity.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not list(out.glob(".*tmp*")), "temporary files left behind"
+
+    data = json.loads((out / "fidelity.json").read_text())
+    assert data["meta"]["steps"] == 2 and data["meta"]["num_eval"] == 8
+    (row,) = data["rows"]
+    assert (row["task"], row["template"]) == ("SST2", "paper")
+    for method in ("zero_shot", "icl", "mezo"):
+        got = row["methods"][method]
+        assert "error" not in got, got
+        assert 0.0 <= got["score"] <= 1.0 and got["eval_count"] == 8, (method, got)
+    mezo = row["methods"]["mezo"]
+    # Dev is scored after steps 1 and 2; the best of them is the reported checkpoint.
+    assert [p[0] for p in mezo["curve"]] == [1, 2]
+    assert all(0.0 <= p[1] <= 1.0 for p in mezo["curve"])
+    assert mezo["best_step"] in (1, 2) and mezo["best_dev"] == max(p[1] for p in mezo["curve"])
+    # Zero-shot and MeZO's score before training use the same model, template and eval examples.
+    assert mezo["initial_score"] == row["methods"]["zero_shot"]["score"]
+    assert row["gain_points"]["mezo"] == pytest.approx(100 * (mezo["score"] - row["methods"]["zero_shot"]["score"]))
+
+    md = (out / "fidelity.md").read_text()
+    assert "| SST2 | paper |" in md and "ICL (2 demos)" in md and "MeZO (2 steps" in md
+
+
+def test_templates_resolve_and_dedupe() -> None:
+    fid = _load()
+    # SST-2's default template is 'review'; RTE has only the paper's, so 'default' is the same run.
+    assert fid.resolve_templates("SST2", ["paper", "default"]) == [("paper", "paper"), ("default (review)", "review")]
+    assert fid.resolve_templates("RTE", ["paper", "default"]) == [("paper (= default)", "paper")]
+    from mezo_dist.errors import ConfigError
+
+    with pytest.raises(ConfigError):
+        fid.resolve_templates("RTE", ["review"])
+
+
+def test_curve_from_stdout() -> None:
+    fid = _load()
+    text = "before training: {...}\nstep 50: dev 0.5100\nnoise\nstep 100: dev 0.6200\nstep 50: dev 0.5300\n"
+    assert fid.curve_from_stdout(text) == [[50, 0.53], [100, 0.62]]
+    assert fid.curve_from_stdout("") == []
+
+
+def test_estimate_defaults_over_an_hour() -> None:
+    fid = _load()
+    args = fid.parse([])
+    pairs = sum(len(fid.resolve_templates(t, ["paper", "default"])) for t in ("SST2", "RTE"))
+    assert pairs == 3
+    est = fid.estimate_seconds(args, pairs, ["zero_shot", "icl", "mezo"])
+    assert 1.5 * 3600 < est < 2.5 * 3600  # the docstring says about 2 h
