@@ -9,7 +9,8 @@ rank's parameters, and peak memory during the steps against peak memory during i
 
 Each configuration runs in its own processes (``torchrun`` for world size 2). Results go to
 ``benchmarks/results/step_cost.{json,md}``. Memory is the CUDA allocator's peak on GPU and the
-resident-set high-water mark on CPU (VmHWM, reset between the inference and the step windows).
+resident-set high-water mark on CPU (VmHWM, reset between the inference and the step windows,
+measured after the timings with glibc told to return large frees to the system).
 """
 
 from __future__ import annotations
@@ -29,6 +30,21 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 CONFIGS = [("single", 1), ("fsdp", 1), ("zero3", 1), ("single", 2), ("fsdp", 2), ("zero3", 2)]
+
+
+def exact_cpu_memory(device) -> None:
+    """glibc raises its mmap threshold after large frees and then keeps freed tensors in its heap,
+    where the resident set no longer tracks live memory; a fixed threshold keeps it honest."""
+    if device.type != "cpu":
+        return
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(-3, 65536)  # M_MMAP_THRESHOLD
+        libc.malloc_trim(0)
+    except OSError:
+        pass
 
 
 def worker(args: argparse.Namespace) -> None:
@@ -82,17 +98,24 @@ def worker(args: argparse.Namespace) -> None:
                 out.append(time.perf_counter() - t0)
             return statistics.median(out)
 
+        zo = MeZO(placement, lr=1e-7, eps=1e-3, seed=0)
         with torch.no_grad():
             timed(closure, args.warmup)
-            reset_peak_memory(state.device)
             fwd = timed(closure, args.iters)
-        peak_inf = peak_memory_bytes(state.device)
-        zo = MeZO(placement, lr=1e-7, eps=1e-3, seed=0)
         timed(lambda: zo.step(closure), args.warmup)
-        reset_peak_memory(state.device)
         step = timed(lambda: zo.step(closure), args.iters)
-        peak_step = peak_memory_bytes(state.device)
         perturb = timed(lambda: zo.perturb(12345, 0.0), args.iters)
+        # Memory in windows of its own, after the timings: on CPU the allocator is first told to
+        # return large frees to the system, so the resident set tracks live tensors (that mode
+        # slows allocation down, so it stays out of the timed runs).
+        exact_cpu_memory(state.device)
+        with torch.no_grad():
+            reset_peak_memory(state.device)
+            timed(closure, 2)
+        peak_inf = peak_memory_bytes(state.device)
+        reset_peak_memory(state.device)
+        timed(lambda: zo.step(closure), 2)
+        peak_step = peak_memory_bytes(state.device)
         local = sum(p.local.numel() for p in placement.pieces())
         row = {
             "backend": args.backend, "world_size": state.world_size, "device": state.device.type,
@@ -118,9 +141,6 @@ def launch(args: argparse.Namespace, backend: str, world: int, out: Path) -> lis
     env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
     cpus = os.cpu_count() or 1
     env.setdefault("OMP_NUM_THREADS", str(max(1, cpus // world)))
-    # glibc raises its mmap threshold after large frees and then keeps freed tensors in the heap,
-    # where the resident set no longer tracks live memory; a fixed threshold keeps it honest.
-    env.setdefault("MALLOC_MMAP_THRESHOLD_", "65536")
     cmd = [sys.executable]
     if world > 1:
         cmd += ["-m", "torch.distributed.run", "--nproc_per_node", str(world), "--master_port", str(29600 + world)]
