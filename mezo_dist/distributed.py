@@ -11,7 +11,6 @@ import contextlib
 import os
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Iterator
 
 import torch
 import torch.distributed as dist
@@ -29,9 +28,6 @@ class DistState:
     def is_main(self) -> bool:
         return self.rank == 0
 
-    @property
-    def distributed(self) -> bool:
-        return self.world_size > 1 or dist.is_initialized()
 
 
 def env_world() -> tuple[int, int, int]:
@@ -99,16 +95,6 @@ def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.all_reduce(t, op=dist.ReduceOp.SUM)
     return t
-
-
-@contextlib.contextmanager
-def main_process_first(state: DistState) -> Iterator[None]:
-    """Let rank 0 do a cached one-time job (a download, a conversion) before the others."""
-    if state.distributed and not state.is_main:
-        dist.barrier()
-    yield
-    if state.distributed and state.is_main:
-        dist.barrier()
 
 
 def current_state() -> DistState:
