@@ -28,6 +28,13 @@ class ModelArguments:
     )
     torch_dtype: str = field(default="float32", metadata={"help": "Parameter dtype."})
     trust_remote_code: bool = field(default=False, metadata={"help": "Allow model code from the hub (off unless asked)."})
+    lora: bool = field(default=False, metadata={"help": "Train LoRA adapters (peft) instead of all parameters."})
+    lora_r: int = field(default=8, metadata={"help": "LoRA rank."})
+    lora_alpha: int = field(default=16, metadata={"help": "LoRA scaling alpha."})
+    lora_target_modules: str = field(
+        default="q_proj,v_proj", metadata={"help": "Comma-separated module names to adapt (the paper: query and value)."}
+    )
+    lora_init_seed: int = field(default=0, metadata={"help": "Seed of the adapters' initial values (replay needs the same)."})
 
 
 @dataclass
@@ -200,6 +207,10 @@ def validate(cfg: TrainConfig) -> None:
         obj = zo if name == "warmup_steps" else run
         if getattr(obj, name) < 0:
             raise ConfigError(f"--{name} must be >= 0, got {getattr(obj, name)}")
+    if cfg.model.lora and cfg.model.lora_r < 1:
+        raise ConfigError(f"--lora_r must be >= 1, got {cfg.model.lora_r}")
+    if cfg.model.lora and run.backend == "zero3":
+        raise ConfigError("--lora runs on the single and fsdp backends; the zero3 backend does not support it yet")
     if run.backend == "zero3":
         read_ds_config(run.ds_config)
     elif run.ds_config is not None:
@@ -292,8 +303,6 @@ def validate_task(cfg: TrainConfig) -> None:
     t = cfg.task
     if t.task_name is None:
         return
-    if cfg.data.train_file is not None:
-        raise ConfigError("--train_file (causal-LM text) and --task_name are exclusive; pass one")
     task = get_task(t.task_name)
     task.template(t.template)
     for name in ("num_train", "num_dev", "num_eval", "eval_steps", "num_demos"):
@@ -312,6 +321,8 @@ def validate_task(cfg: TrainConfig) -> None:
         raise ConfigError(f"--data_dir {t.data_dir} does not exist")
     if not t.eval_only and t.num_train == 0:
         raise ConfigError("--num_train 0 leaves nothing to train on; use --eval_only for zero-shot")
+    if cfg.data.train_file is not None:
+        raise ConfigError("--train_file (causal-LM text) and --task_name are exclusive; pass one")
 
 
 def read_ds_config(path: str | None) -> dict[str, Any]:

@@ -65,3 +65,22 @@ def empty_model(name_or_path: str, *, dtype: torch.dtype, trust_remote_code: boo
     # or the two copies would be perturbed apart.
     model.tie_weights()
     return model
+
+
+def apply_lora(model: nn.Module, args) -> nn.Module:
+    """Wrap ``model`` with LoRA adapters (peft) when ``args.lora``; base weights are frozen.
+
+    The adapters' initial values come from ``args.lora_init_seed`` in a forked RNG, so every
+    rank, and a later replay, starts from the same adapters.
+    """
+    if not getattr(args, "lora", False):
+        return model
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(
+        r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=0.0, bias="none",
+        target_modules=[m.strip() for m in args.lora_target_modules.split(",") if m.strip()],
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(args.lora_init_seed)
+        return get_peft_model(model, config)

@@ -29,11 +29,11 @@ def build_placement(
     if backend == "single":
         from mezo_dist.placement.single import build_single
 
-        return build_single(m.model_name_or_path, state, dtype=dtype, trust_remote_code=m.trust_remote_code)
+        return build_single(m.model_name_or_path, state, dtype=dtype, trust_remote_code=m.trust_remote_code, lora=m)
     if backend == "fsdp":
         from mezo_dist.placement.fsdp import build_fsdp
 
-        return build_fsdp(m.model_name_or_path, state, dtype=dtype, trust_remote_code=m.trust_remote_code)
+        return build_fsdp(m.model_name_or_path, state, dtype=dtype, trust_remote_code=m.trust_remote_code, lora=m)
     from mezo_dist.placement.zero3 import build_zero3
 
     return build_zero3(

@@ -103,13 +103,14 @@ class FSDPPlacement(Placement):
 
 
 def build_fsdp(
-    name_or_path: str, state: DistState, *, dtype: torch.dtype, trust_remote_code: bool = False
+    name_or_path: str, state: DistState, *, dtype: torch.dtype, trust_remote_code: bool = False, lora=None
 ) -> FSDPPlacement:
     """Build on meta, shard, materialise the shards, then load: the model is never whole on a
-    rank's device, and only rank 0 reads the checkpoint (the others receive their shards)."""
-    from mezo_dist.models import empty_model, load_pretrained
+    rank's device, and only rank 0 reads the checkpoint (the others receive their shards).
+    LoRA adapters (``lora.lora``) are made on rank 0 and arrive with the base weights."""
+    from mezo_dist.models import apply_lora, empty_model, load_pretrained
 
-    model = empty_model(name_or_path, dtype=dtype, trust_remote_code=trust_remote_code)
+    model = apply_lora(empty_model(name_or_path, dtype=dtype, trust_remote_code=trust_remote_code), lora)
     buffers = {name: b.detach().clone() for name, b in model.named_buffers()}
     apply_fully_shard(model, make_mesh(state))
     model.to_empty(device=state.device)
@@ -118,7 +119,7 @@ def build_fsdp(
             b.copy_(buffers[name])
     full_sd = None
     if state.is_main:
-        full_sd = load_pretrained(name_or_path, dtype=dtype, trust_remote_code=trust_remote_code).state_dict()
+        full_sd = apply_lora(load_pretrained(name_or_path, dtype=dtype, trust_remote_code=trust_remote_code), lora).state_dict()
     load_full_state_dict(model, full_sd)
     del full_sd
     return FSDPPlacement(model, state)

@@ -38,9 +38,12 @@ class SinglePlacement(Placement):
         return {k: v.detach().to("cpu", copy=True) for k, v in self.model.state_dict().items()}
 
 
-def build_single(name_or_path: str, state, *, dtype: torch.dtype, trust_remote_code: bool = False) -> SinglePlacement:
-    """Every rank loads the whole model onto its device."""
-    from mezo_dist.models import load_pretrained
+def build_single(
+    name_or_path: str, state, *, dtype: torch.dtype, trust_remote_code: bool = False, lora=None
+) -> SinglePlacement:
+    """Every rank loads the whole model onto its device (with LoRA adapters if ``lora.lora``)."""
+    from mezo_dist.models import apply_lora, load_pretrained
 
-    model = load_pretrained(name_or_path, dtype=dtype, trust_remote_code=trust_remote_code).to(state.device)
+    model = load_pretrained(name_or_path, dtype=dtype, trust_remote_code=trust_remote_code)
+    model = apply_lora(model, lora).to(state.device)
     return SinglePlacement(model, state)

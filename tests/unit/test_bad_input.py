@@ -47,6 +47,12 @@ CASES = [
     ("model folder without config", ["--model_name_or_path", "{tmp}"], r"has no config.json"),
     ("unknown schedule", ["--lr_scheduler_type", "cosine_warm"], r"unknown --lr_scheduler_type 'cosine_warm'"),
     ("unknown flag", ["--learning_rat", "1"], r"unrecognized arguments: --learning_rat"),
+    ("lora on zero3", ["--lora", "--ds_config", "ds_configs/zero3.json"], r"zero3 backend does not support it yet"),
+    ("lora rank zero", ["--lora", "--lora_r", "0"], r"--lora_r must be >= 1"),
+    ("unknown task", ["--task_name", "imdb"], r"unknown task 'imdb'"),
+    ("task with train_file", ["--task_name", "SST2"], r"--train_file .* and --task_name are exclusive"),
+    ("non_diff objective mismatch", ["--task_name", "SST2", "--non_diff", "--objective", "f1"],
+     r"--objective f1 does not fit task SST2"),
 ]
 
 
