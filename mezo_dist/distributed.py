@@ -47,9 +47,9 @@ def default_device(local_rank: int) -> torch.device:
 def init_distributed(*, use_deepspeed: bool = False, need_group: bool = False, timeout_s: int = 1800) -> DistState:
     """Start the process group when the launcher asked for more than one process.
 
-    With ``use_deepspeed`` the group is started through ``deepspeed.init_distributed`` so that
-    DeepSpeed's communication layer wraps it (ZeRO-3 needs that even with one process);
-    ``need_group`` starts one for a single process too (FSDP2's device mesh needs one).
+    With ``use_deepspeed`` the group is then wrapped by ``deepspeed.init_distributed`` (ZeRO-3
+    needs that even with one process); ``need_group`` starts one for a single process too
+    (FSDP2's device mesh needs one).
     """
     rank, world, local = env_world()
     device = default_device(local)
@@ -63,15 +63,26 @@ def init_distributed(*, use_deepspeed: bool = False, need_group: bool = False, t
         os.environ.setdefault("RANK", "0")
         os.environ.setdefault("WORLD_SIZE", "1")
         os.environ.setdefault("LOCAL_RANK", "0")
+    if (world > 1 or need_group or use_deepspeed) and not dist.is_initialized():
+        _start_group(backend, rank, world, timedelta(seconds=timeout_s))
     if use_deepspeed:
         import deepspeed
 
+        # Wraps the group started above in DeepSpeed's communication layer.
         deepspeed.init_distributed(dist_backend=backend, timeout=timedelta(seconds=timeout_s))
-    elif (world > 1 or need_group) and not dist.is_initialized():
-        dist.init_process_group(backend=backend, timeout=timedelta(seconds=timeout_s))
     if not dist.is_initialized():
         backend = ""
     return DistState(rank=rank, world_size=world, local_rank=local, device=device, backend=backend)
+
+
+def _start_group(backend: str, rank: int, world: int, timeout: timedelta) -> None:
+    """``init_process_group`` over the launcher's env:// rendezvous, with keys of their own per
+    restart: after ``torchrun --max-restarts`` the store can still hold the dead attempt's gloo
+    addresses, and the new ranks would try to connect to them."""
+    store, _, _ = next(dist.rendezvous("env://", rank=rank, world_size=world, timeout=timeout))
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    prefixed = dist.PrefixStore(f"mezo_dist/attempt_{attempt}", store)
+    dist.init_process_group(backend=backend, store=prefixed, rank=rank, world_size=world, timeout=timeout)
 
 
 def _free_port() -> int:
