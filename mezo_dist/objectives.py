@@ -7,6 +7,7 @@ only, so every world size sees the same examples at the same step.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
@@ -18,6 +19,39 @@ from mezo_dist.placement.base import Placement
 from mezo_dist.tasks.base import Sample
 
 Closure = Callable[[], Any]
+
+
+@dataclass(frozen=True)
+class MicroBatch:
+    """One forward's worth of this rank's share of a step.
+
+    ``weight`` (tokens or examples) is known before the forward: backpropagation divides every
+    micro-batch's loss sum by the global weight of the whole step, so that gradients accumulated
+    over micro-batches and ranks equal the gradient of the global mean, however the step is split.
+    """
+
+    loss: Closure  # -> (sum of losses, weight), both 0-d tensors
+    weight: float
+
+
+def _split_rows(n: int, parts: int) -> list[tuple[int, int]]:
+    size = n // parts
+    return [(k * size, (k + 1) * size) for k in range(parts)]
+
+
+def summed(micro: list[MicroBatch]) -> Closure:
+    """One closure over all micro-batches (MeZO's accumulation: one perturbation, many forwards)."""
+    if len(micro) == 1:
+        return micro[0].loss
+
+    def closure():
+        total, weight = 0.0, 0.0
+        for mb in micro:
+            t, w = mb.loss()
+            total, weight = total + t, weight + w
+        return total, weight
+
+    return closure
 
 
 def causal_lm_loss(placement: Placement, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -49,14 +83,24 @@ class TextObjective:
 
     unit = "tokens"
 
-    def __init__(self, batches: TextBatches, device: torch.device) -> None:
-        self.batches, self.device = batches, device
+    def __init__(self, batches: TextBatches, device: torch.device, *, accumulation: int = 1) -> None:
+        # ``batches`` yields this rank's share of a step (micro-batch x accumulation rows).
+        self.batches, self.device, self.accumulation = batches, device, accumulation
+
+    def micro_batches(self, placement: Placement, step: int) -> tuple[list[MicroBatch], int]:
+        """(this rank's micro-batches of step ``step``, tokens in the global batch)."""
+        batch, tokens = self.batches.batch(step)
+        out = []
+        for lo, hi in _split_rows(batch["input_ids"].shape[0], self.accumulation):
+            part = {k: v[lo:hi].to(self.device) for k, v in batch.items()}
+            weight = float((part["labels"][:, 1:] != -100).sum())
+            out.append(MicroBatch(loss=lambda part=part: causal_lm_loss(placement, part), weight=weight))
+        return out, tokens
 
     def closure(self, placement: Placement, step: int) -> tuple[Closure, int]:
-        """(closure, tokens in the global batch)."""
-        batch, tokens = self.batches.batch(step)
-        batch = {k: v.to(self.device) for k, v in batch.items()}
-        fn = lambda: causal_lm_loss(placement, batch)  # noqa: E731
+        """(closure for MeZO, tokens in the global batch)."""
+        micro, tokens = self.micro_batches(placement, step)
+        fn = summed(micro)
         return (_poisoned(fn) if step in faults.nan_steps() else fn), tokens
 
 
@@ -80,24 +124,41 @@ class TaskObjective:
         non_diff: str | None = None,
         max_length: int | None = None,
         max_new_tokens: int = 50,
+        accumulation: int = 1,
     ) -> None:
         self.samples, self.tokenizer, self.device = samples, tokenizer, device
-        self.order = GlobalOrder(len(samples), micro_batch=micro_batch, rank=rank, world_size=world_size, seed=seed)
+        self.accumulation = accumulation
+        # A rank's share of a step is micro_batch x accumulation samples, cut into micro-batches.
+        self.order = GlobalOrder(len(samples), micro_batch=micro_batch * accumulation, rank=rank,
+                                 world_size=world_size, seed=seed)
         self.as_classification, self.non_diff = as_classification, non_diff
         self.max_length, self.max_new_tokens = max_length, max_new_tokens
 
-    def closure(self, placement: Placement, step: int) -> tuple[Closure, int]:
-        from mezo_dist.scoring import encoded_width
+    def micro_batches(self, placement: Placement, step: int) -> tuple[list[MicroBatch], int]:
+        """(this rank's micro-batches of step ``step``, examples in the global batch)."""
+        from mezo_dist.scoring import encoded_width, target_token_count
 
         mine = [self.samples[i] for i in self.order.local_indices(step)]
+        chunks = [mine[lo:hi] for lo, hi in _split_rows(len(mine), self.accumulation)]
+        units = len(mine) * self.order.world_size
         if self.non_diff:
-            fn = lambda: self._negated_metric(placement, mine)  # noqa: E731
-        else:
-            # Every rank pads to the global batch's longest sequence: one process would.
-            width = encoded_width(self.tokenizer, [self.samples[i] for i in self.order.global_indices(step)],
-                                  as_classification=self.as_classification, max_length=self.max_length)
-            fn = lambda: self._loss(placement, mine, width)  # noqa: E731
-        return (_poisoned(fn) if step in faults.nan_steps() else fn), len(mine) * self.order.world_size
+            return [MicroBatch(loss=lambda c=c: self._negated_metric(placement, c), weight=float(len(c)))
+                    for c in chunks], units
+        # Every micro-batch is padded to the global batch's longest sequence: one process would.
+        width = encoded_width(self.tokenizer, [self.samples[i] for i in self.order.global_indices(step)],
+                              as_classification=self.as_classification, max_length=self.max_length)
+        out = []
+        for c in chunks:
+            weight = float(len(c)) if self.as_classification else float(
+                target_token_count(self.tokenizer, c, max_length=self.max_length))
+            out.append(MicroBatch(loss=lambda c=c: self._loss(placement, c, width), weight=weight))
+        return out, units
+
+    def closure(self, placement: Placement, step: int) -> tuple[Closure, int]:
+        """(closure for MeZO, examples in the global batch)."""
+        micro, units = self.micro_batches(placement, step)
+        fn = summed(micro)
+        return (_poisoned(fn) if step in faults.nan_steps() else fn), units
 
     def _loss(self, placement: Placement, mine: list[Sample], width: int):
         from mezo_dist.scoring import candidate_loss

@@ -46,6 +46,13 @@ def read_trajectory(path: str | Path) -> list[dict[str, Any]]:
             raise ConfigError(f"trajectory {path} line {n} is step {row['step']}, expected {len(rows)}")
         if not row.get("skipped") and not math.isfinite(row["projected_grad"]):
             raise ConfigError(f"trajectory {path} line {n} has a non-finite projected gradient")
+        # Rows written before these fields existed are Gaussian z from the blocks stream.
+        if row.get("perturbation", "gaussian") not in ("gaussian", "rademacher"):
+            raise ConfigError(f"trajectory {path} line {n} has unknown perturbation {row['perturbation']!r}")
+        if row.get("noise", "blocks") not in ("blocks", "philox"):
+            raise ConfigError(f"trajectory {path} line {n} has unknown noise stream {row['noise']!r}")
+        if rows and row.get("precision") != rows[0].get("precision"):
+            raise ConfigError(f"trajectory {path} line {n} changes precision mid-run")
         rows.append(row)
     if not rows:
         raise ConfigError(f"trajectory {path} is empty")
@@ -56,11 +63,21 @@ def replay(placement, rows: list[dict[str, Any]]) -> None:
     """Apply every logged step to ``placement`` in order."""
     from mezo_dist.zo.step import MeZO
 
-    zo = MeZO(placement, lr=0.0, eps=rows[0]["eps"])
+    streams = {row.get("noise", "blocks") for row in rows}
+    if len(streams) > 1:
+        raise ConfigError("trajectory mixes noise streams (blocks and philox); it cannot be replayed as one run")
+    # The path that drew the run's z, not this device's default: a CPU run replays on a GPU too.
+    kernel = "triton" if streams.pop() == "philox" else "blocks"
+    try:
+        zo = MeZO(placement, lr=0.0, eps=rows[0]["eps"], kernel=kernel)
+    except ValueError as e:
+        raise ConfigError(f"trajectory was drawn by the fused CUDA pass (philox stream) and {e}") from None
     placement.eval()
     for row in rows:
         zo.eps, zo.weight_decay = float(row["eps"]), float(row["wd"])
-        zo.replay(int(row["seed"]), float(row["projected_grad"]), float(row["lr"]), skipped=bool(row.get("skipped")))
+        zo.perturbation = row.get("perturbation", "gaussian")
+        zo.replay(int(row["seed"]), float(row["projected_grad"]), float(row["lr"]), skipped=bool(row.get("skipped")),
+                  directions=row.get("directions"))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -96,7 +113,15 @@ def main(argv: list[str] | None = None) -> int:
     try:
         state = init_distributed(use_deepspeed=backend == "zero3", need_group=backend == "fsdp")
         quiet_other_ranks(state)
-        placement = build_placement(model_args, state, backend=backend, ds_config=args.ds_config, micro_batch=1)
+        compute = None
+        if rows[0].get("precision") not in (None, "fp32") and model_args.torch_dtype == "float32":
+            # Only zero3 depends on it (its fp32 masters start from the model rounded to it).
+            from mezo_dist.config import PRECISIONS
+            from mezo_dist.models import DTYPES
+
+            compute = DTYPES[PRECISIONS[rows[0]["precision"]]]
+        placement = build_placement(model_args, state, backend=backend, ds_config=args.ds_config, micro_batch=1,
+                                    compute_dtype=compute)
         replay(placement, rows)
         tokenizer = load_tokenizer(model_args.model_name_or_path, trust_remote_code=model_args.trust_remote_code)
         save_pretrained(placement, tokenizer, args.output_dir)

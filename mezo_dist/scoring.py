@@ -61,6 +61,13 @@ def encoded_width(tokenizer, samples: Sequence[Sample], *, as_classification: bo
     return max((len(ids) for ids, _ in _encode_pairs(tokenizer, pairs, max_length)), default=0)
 
 
+def target_token_count(tokenizer, samples: Sequence[Sample], *, max_length: int | None = None) -> int:
+    """How many gold-target tokens ``candidate_loss(..., as_classification=False)`` sums over,
+    known without a forward."""
+    pairs = [(s.context, s.target) for s in samples]
+    return sum(len(ids) - start for ids, start in _encode_pairs(tokenizer, pairs, max_length))
+
+
 def _encode_pairs(tokenizer, pairs: Sequence[tuple[str, str]], max_length: int | None) -> list[tuple[list[int], int]]:
     """Token ids of ``context + continuation`` and the index where the continuation's tokens start."""
     if not pairs:

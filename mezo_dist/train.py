@@ -8,7 +8,7 @@ from typing import Any
 
 from mezo_dist import faults
 from mezo_dist.checkpoint import load_checkpoint, rotate_checkpoints, save_checkpoint
-from mezo_dist.config import ModelArguments, TrainConfig, read_ds_config, resume_fields
+from mezo_dist.config import BackpropArguments, ModelArguments, TrainConfig, read_ds_config, resume_fields
 from mezo_dist.distributed import DistState
 from mezo_dist.errors import TrainingError
 from mezo_dist.export import save_pretrained
@@ -22,24 +22,56 @@ from mezo_dist.zo.step import MeZO, StepResult
 
 
 def build_placement(
-    m: ModelArguments, state: DistState, *, backend: str, ds_config: str | None, micro_batch: int
+    m: ModelArguments, state: DistState, *, backend: str, ds_config: str | None, micro_batch: int,
+    accumulation: int = 1, backprop: BackpropArguments | None = None, learning_rate: float = 0.0,
+    weight_decay: float = 0.0, compute_dtype=None,
 ) -> Placement:
-    """The model on this rank, as ``backend`` places it."""
+    """The model on this rank, as ``backend`` places it.
+
+    ``compute_dtype`` (``--precision`` bf16/fp16 over fp32 values): forwards in that dtype, fp32
+    values for MeZO to edit (autocast on single, FSDP2 mixed precision, fp32 masters on zero3).
+
+    ``backprop`` (the baseline's settings) asks for a trainable model: gradient checkpointing if
+    set, and for zero3 a DeepSpeed engine with the ds_config's optimizer.
+    """
     dtype = DTYPES[m.torch_dtype]
-    if backend == "single":
-        from mezo_dist.placement.single import build_single
-
-        return build_single(m.model_name_or_path, state, dtype=dtype, trust_remote_code=m.trust_remote_code, lora=m)
-    if backend == "fsdp":
-        from mezo_dist.placement.fsdp import build_fsdp
-
-        return build_fsdp(m.model_name_or_path, state, dtype=dtype, trust_remote_code=m.trust_remote_code, lora=m)
+    checkpointing = backprop is not None and backprop.gradient_checkpointing
+    if backend in ("single", "fsdp"):
+        if backend == "single":
+            from mezo_dist.placement.single import build_single as build
+        else:
+            from mezo_dist.placement.fsdp import build_fsdp as build
+        placement = build(m.model_name_or_path, state, dtype=dtype, trust_remote_code=m.trust_remote_code, lora=m,
+                          compute_dtype=compute_dtype)
+        if checkpointing:
+            placement.module.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        return placement
     from mezo_dist.placement.zero3 import build_zero3
 
-    return build_zero3(
-        m.model_name_or_path, read_ds_config(ds_config), state, micro_batch=micro_batch, dtype=dtype,
-        trust_remote_code=m.trust_remote_code,
+    optimizer = None
+    if backprop is not None:
+        optimizer = {"lr": learning_rate, "betas": [backprop.adam_beta1, backprop.adam_beta2],
+                     "eps": backprop.adam_epsilon, "weight_decay": weight_decay, "momentum": backprop.momentum,
+                     "gradient_clipping": backprop.max_grad_norm}
+    placement = build_zero3(
+        m.model_name_or_path, read_ds_config(ds_config, with_optimizer=backprop is not None), state,
+        micro_batch=micro_batch, dtype=compute_dtype or dtype, trust_remote_code=m.trust_remote_code, lora=m,
+        accumulation=accumulation, optimizer=optimizer, gradient_checkpointing=checkpointing,
     )
+    if compute_dtype is not None:
+        from mezo_dist.placement.zero3_mixed import Zero3MixedPlacement
+
+        mixed = Zero3MixedPlacement(placement.model, state)
+        mixed._hf_ds_config = placement._hf_ds_config
+        return mixed
+    return placement
+
+
+def compute_dtype(cfg: TrainConfig):
+    """The forward dtype when it differs from the fp32 values MeZO edits, else None."""
+    from mezo_dist.config import PRECISIONS, mixed_precision
+
+    return DTYPES[PRECISIONS[cfg.zo.precision]] if mixed_precision(cfg) else None
 
 
 @dataclass
@@ -60,9 +92,10 @@ def build_objective(cfg: TrainConfig, state: DistState, tokenizer):
         from mezo_dist.data import TextBatches, TokenizedText, read_jsonl
 
         data = TokenizedText.build(read_jsonl(cfg.data.train_file), tokenizer, cfg.data.max_length or 128)
-        batches = TextBatches(data, micro_batch=run.per_device_train_batch_size, rank=state.rank,
+        accum = run.gradient_accumulation_steps
+        batches = TextBatches(data, micro_batch=run.per_device_train_batch_size * accum, rank=state.rank,
                               world_size=state.world_size, seed=run.seed)
-        return TextObjective(batches, state.device), EvalSets()
+        return TextObjective(batches, state.device, accumulation=accum), EvalSets()
     from mezo_dist.scoring import demonstrations, with_demonstrations
     from mezo_dist.tasks import get_task
 
@@ -84,15 +117,23 @@ def build_objective(cfg: TrainConfig, state: DistState, tokenizer):
         train, tokenizer, micro_batch=run.per_device_train_batch_size, rank=state.rank,
         world_size=state.world_size, seed=run.seed, device=state.device,
         as_classification=t.train_as_classification, non_diff=t.objective if t.non_diff else None,
-        max_length=max_length, max_new_tokens=t.max_new_tokens,
+        max_length=max_length, max_new_tokens=t.max_new_tokens, accumulation=run.gradient_accumulation_steps,
     )
     return objective, EvalSets(dev=dev, eval=evals, max_length=max_length)
 
 
-def trajectory_row(res: StepResult, zo: MeZO) -> dict[str, Any]:
+def trajectory_row(res: StepResult, zo: MeZO, precision: str | None = None) -> dict[str, Any]:
     # eps and wd ride along so that the file alone can replay the run.
     row = {"step": res.step, "seed": res.seed, "projected_grad": res.projected_grad, "loss": res.loss,
            "lr": res.lr, "eps": zo.eps, "wd": zo.weight_decay}
+    # How z was drawn rides along too: replay refuses a stream it cannot draw.
+    row["perturbation"] = zo.perturbation
+    if zo.noise_stream != "blocks":
+        row["noise"] = zo.noise_stream
+    if precision is not None:  # fp32 values under bf16/fp16 forwards (a zero3 replay rebuilds the same)
+        row["precision"] = precision
+    if len(res.directions) > 1:
+        row["directions"] = [[seed, g] for seed, g in res.directions]
     if res.skipped:
         row["skipped"] = True
     return row
@@ -125,10 +166,19 @@ def train(cfg: TrainConfig, state: DistState) -> dict[str, Any]:
     run = cfg.run
     tokenizer = load_tokenizer(cfg.model.model_name_or_path, trust_remote_code=cfg.model.trust_remote_code)
     objective, sets = build_objective(cfg, state, tokenizer)
+    regular = cfg.bp.trainer == "regular"
     placement = build_placement(cfg.model, state, backend=run.backend, ds_config=run.ds_config,
-                                micro_batch=run.per_device_train_batch_size)
+                                micro_batch=run.per_device_train_batch_size, accumulation=run.gradient_accumulation_steps,
+                                backprop=cfg.bp if regular else None, learning_rate=cfg.zo.learning_rate,
+                                weight_decay=cfg.zo.weight_decay, compute_dtype=compute_dtype(cfg))
     schedule = lr_schedule(cfg.zo.lr_scheduler_type, cfg.zo.learning_rate, run.max_steps, cfg.zo.warmup_steps)
-    zo = MeZO(placement, lr=schedule, eps=cfg.zo.zo_eps, weight_decay=cfg.zo.weight_decay, seed=run.seed)
+    if regular:
+        from mezo_dist.backprop import Backprop
+
+        zo = Backprop(placement, cfg.bp, lr=schedule, weight_decay=cfg.zo.weight_decay)
+    else:
+        zo = MeZO(placement, lr=schedule, eps=cfg.zo.zo_eps, weight_decay=cfg.zo.weight_decay, seed=run.seed,
+                  num_directions=cfg.zo.zo_num_directions, perturbation=cfg.zo.zo_perturbation)
     start, skipped, best = 0, 0, None
     if run.resume_from_checkpoint:
         saved = load_checkpoint(placement, run.resume_from_checkpoint)
@@ -178,14 +228,24 @@ def _loop(cfg, state, placement, zo, objective, evaluator, logger, start, skippe
     run, fields = cfg.run, resume_fields(cfg)
     for step in range(start, run.max_steps):
         faults.maybe_kill(state.rank, step)
-        closure, units = objective.closure(placement, step)
         t0 = time.perf_counter()
-        res = zo.step(closure)
-        dt = time.perf_counter() - t0
-        logger.trajectory(trajectory_row(res, zo))
-        logger.scalars(step, {"train/loss": res.loss, "train/projected_grad": res.projected_grad,
-                              "train/lr": res.lr, "perf/step_time_s": dt, f"perf/{objective.unit}_per_s": 2 * units / dt})
-        logger.progress({"loss": res.loss, "g": res.projected_grad})
+        if isinstance(zo, MeZO):
+            closure, units = objective.closure(placement, step)
+            res = zo.step(closure)
+            dt = time.perf_counter() - t0
+            logger.trajectory(trajectory_row(res, zo, cfg.zo.precision if compute_dtype(cfg) is not None else None))
+            logger.scalars(step, {"train/loss": res.loss, "train/projected_grad": res.projected_grad,
+                                  "train/lr": res.lr, "perf/step_time_s": dt, f"perf/{objective.unit}_per_s": units / dt})
+            logger.progress({"loss": res.loss, "g": res.projected_grad})
+        else:
+            micro, units = objective.micro_batches(placement, step)
+            res = zo.step(micro)
+            dt = time.perf_counter() - t0
+            logger.trajectory({"step": res.step, "loss": res.loss, "lr": res.lr, "grad_norm": res.grad_norm,
+                               "trainer": "regular"})
+            logger.scalars(step, {"train/loss": res.loss, "train/grad_norm": res.grad_norm, "train/lr": res.lr,
+                                  "perf/step_time_s": dt, f"perf/{objective.unit}_per_s": units / dt})
+            logger.progress({"loss": res.loss})
         if res.skipped:
             skipped += 1
             logger.scalars(step, {"train/skipped_steps": skipped})

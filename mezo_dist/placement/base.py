@@ -55,6 +55,9 @@ class Placement(ABC):
     def __init__(self, model: nn.Module, state: DistState) -> None:
         self.model = model
         self.state = state
+        # What :meth:`forward` calls: the model itself, unless the backprop baseline wraps it
+        # for gradient averaging (DDP). MeZO never needs a wrapper.
+        self.runner: nn.Module = model
 
     @abstractmethod
     def pieces(self) -> list[Piece]:
@@ -72,8 +75,14 @@ class Placement(ABC):
         """The unwrapped model (a ``PreTrainedModel`` for the launch path)."""
         return self.model
 
+    # Set by ``--precision`` on ``single``: fp32 parameters, forwards under torch.autocast.
+    autocast_dtype: torch.dtype | None = None
+
     def forward(self, **batch: Any) -> Any:
-        return self.model(**batch)
+        if self.autocast_dtype is not None:
+            with torch.autocast(self.state.device.type, dtype=self.autocast_dtype):
+                return self.runner(**batch)
+        return self.runner(**batch)
 
     def all_reduce_sum(self, t: torch.Tensor) -> torch.Tensor:
         """Sum over the ranks that hold different data. One collective."""
@@ -82,6 +91,10 @@ class Placement(ABC):
     def eval(self) -> None:
         # Forward passes of MeZO must be deterministic: dropout off.
         self.model.eval()
+
+    def train(self) -> None:
+        # The backprop baseline trains as fine-tuning usually does: dropout on.
+        self.model.train()
 
     @abstractmethod
     def full_state_dict(self) -> dict[str, torch.Tensor] | None:

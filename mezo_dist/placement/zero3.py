@@ -40,11 +40,13 @@ class Zero3Placement(Placement):
 
     name = "zero3"
 
-    def __init__(self, engine: Any, state: DistState) -> None:
+    def __init__(self, engine: Any, state: DistState, *, with_optimizer: bool = False) -> None:
         super().__init__(engine, state)
         if engine.zero_optimization_stage() != 3:
             raise ValueError(f"the zero3 placement needs a ZeRO stage 3 engine, got stage {engine.zero_optimization_stage()}")
-        if engine.optimizer is not None and not _is_offload_only(engine.optimizer):
+        # ``with_optimizer``: the backprop baseline, which trains through engine.step() and only
+        # edits partitions in place to load a checkpoint when no step follows.
+        if not with_optimizer and engine.optimizer is not None and not _is_offload_only(engine.optimizer):
             # An engine with an optimizer copies its fp32 master partition over the model
             # partition at engine.step(), undoing every MeZO update.
             raise ValueError("the zero3 placement needs a DeepSpeed engine without an optimizer")
@@ -109,8 +111,15 @@ def _is_offload_only(optimizer: Any) -> bool:
     return type(optimizer).__name__ == "DeepSpeedZeRoOffload"
 
 
-def fill_ds_config(ds_config: dict, *, micro_batch: int, world_size: int, dtype: torch.dtype, hidden_size: int | None) -> dict:
-    """Replace ``"auto"`` fields from the run's own settings (accelerate's convention)."""
+def fill_ds_config(
+    ds_config: dict, *, micro_batch: int, world_size: int, dtype: torch.dtype, hidden_size: int | None,
+    accumulation: int = 1, optimizer: dict[str, Any] | None = None,
+) -> dict:
+    """Replace ``"auto"`` fields from the run's own settings (accelerate's convention).
+
+    ``optimizer`` holds the backprop baseline's settings (lr, betas, eps, weight_decay,
+    gradient_clipping) for the ds_config's optimizer section.
+    """
     import copy
 
     cfg = copy.deepcopy(ds_config)
@@ -122,9 +131,18 @@ def fill_ds_config(ds_config: dict, *, micro_batch: int, world_size: int, dtype:
             raise ValueError(f"ds_config sets {key}={d[key]} but --per_device_train_batch_size is {value}")
 
     fill(cfg, "train_micro_batch_size_per_gpu", micro_batch)
-    fill(cfg, "gradient_accumulation_steps", 1)
+    fill(cfg, "gradient_accumulation_steps", accumulation)
     fill(cfg, "train_batch_size", micro_batch * world_size * cfg["gradient_accumulation_steps"])
     cfg.setdefault("steps_per_print", 10**9)
+    if optimizer is not None and "optimizer" in cfg:
+        params = cfg["optimizer"].setdefault("params", {})
+        for key in ("lr", "betas", "eps", "weight_decay", "momentum"):
+            if key in optimizer and params.get(key) == "auto":
+                params[key] = optimizer[key]
+        fill(cfg, "gradient_clipping", optimizer.get("gradient_clipping", 0.0))
+        left = [k for k, v in params.items() if v == "auto"]
+        if left:
+            raise ValueError(f"ds_config optimizer has 'auto' fields this run cannot fill: {', '.join(left)}")
     for key, want in (("bf16", dtype == torch.bfloat16), ("fp16", dtype == torch.float16)):
         section = cfg.get(key)
         if isinstance(section, dict) and section.get("enabled") == "auto":
@@ -150,19 +168,36 @@ def build_zero3(
     micro_batch: int,
     dtype: torch.dtype,
     trust_remote_code: bool = False,
+    lora=None,
+    accumulation: int = 1,
+    optimizer: dict[str, Any] | None = None,
+    gradient_checkpointing: bool = False,
 ) -> Zero3Placement:
-    """Load under ``deepspeed.zero.Init`` (through transformers) and wrap in a forward-only engine."""
+    """Load under ``deepspeed.zero.Init`` (through transformers) and wrap in a forward-only engine.
+
+    LoRA adapters (``lora.lora``) are made after loading, outside ``zero.Init``, from the same
+    seed on every rank; ``deepspeed.initialize`` then partitions them like every other parameter.
+    """
     import deepspeed
     from transformers.integrations import HfDeepSpeedConfig
 
-    from mezo_dist.models import load_config, load_pretrained
+    from mezo_dist.models import apply_lora, load_config, load_pretrained
 
     hidden = getattr(load_config(name_or_path, trust_remote_code=trust_remote_code), "hidden_size", None)
-    cfg = fill_ds_config(ds_config, micro_batch=micro_batch, world_size=state.world_size, dtype=dtype, hidden_size=hidden)
+    cfg = fill_ds_config(ds_config, micro_batch=micro_batch, world_size=state.world_size, dtype=dtype, hidden_size=hidden,
+                         accumulation=accumulation, optimizer=optimizer)
     # transformers reads this global to build the model partitioned; it must outlive loading.
     hf_ds = HfDeepSpeedConfig(cfg)
-    model = load_pretrained(name_or_path, dtype=dtype, trust_remote_code=trust_remote_code)
-    engine, *_ = deepspeed.initialize(model=model, config=cfg)
-    placement = Zero3Placement(engine, state)
+    model = apply_lora(load_pretrained(name_or_path, dtype=dtype, trust_remote_code=trust_remote_code), lora)
+    if gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if optimizer is None:
+        engine, *_ = deepspeed.initialize(model=model, config=cfg)
+    else:
+        from mezo_dist.backprop import param_groups
+
+        groups = param_groups(model, float(cfg["optimizer"]["params"].get("weight_decay", 0.0)))
+        engine, *_ = deepspeed.initialize(model=model, model_parameters=groups, config=cfg)
+    placement = Zero3Placement(engine, state, with_optimizer=optimizer is not None)
     placement._hf_ds_config = hf_ds
     return placement

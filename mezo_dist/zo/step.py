@@ -6,6 +6,11 @@ Per step, with z drawn from the step's seed (never stored whole):
     g = (L+ - L-) / (2 eps)          (one all-reduce of [sum L+, sum L-, weight])
     theta = (theta + eps z)(1 - lr wd) - lr g z   (pass 3: restore and update fused)
 Weight decay skips 1-D parameters (biases, norm weights), as in the reference.
+
+With ``num_directions`` n > 1 the estimate is averaged over n directions measured at the same
+theta: each direction is perturbed, measured and restored in turn, the losses of all of them
+are reduced in one all-reduce, and the update applies (1/n) sum_k g_k z_k (the last direction's
+restore stays fused with its update; the others cost one more pass each).
 """
 
 from __future__ import annotations
@@ -16,8 +21,8 @@ from typing import Callable, Union
 
 import torch
 
-from mezo_dist.placement.base import Piece, Placement
-from mezo_dist.zo import noise
+from mezo_dist.placement.base import Placement
+from mezo_dist.zo import noise, passes
 
 LossOut = Union[torch.Tensor, float, tuple]
 Closure = Callable[[], LossOut]
@@ -33,6 +38,8 @@ class StepResult:
     loss_minus: float
     lr: float
     skipped: bool  # True when a loss was not finite and the update was not applied
+    # (seed, projected gradient) of every direction; one entry unless num_directions > 1.
+    directions: tuple[tuple[int, float], ...] = ()
 
 
 def _split(out: LossOut) -> tuple[torch.Tensor, torch.Tensor]:
@@ -56,6 +63,10 @@ class MeZO:
         eps: perturbation scale.
         weight_decay: decoupled into the update as ``lr * wd * theta`` (matrices only).
         seed: the run seed; step ``t`` uses ``noise.step_seed(seed, t)``.
+        num_directions: perturbations averaged per step (n-SPSA); each costs two forwards.
+        perturbation: ``gaussian`` (the paper's z) or ``rademacher`` (z = +-1, cheaper to draw).
+        kernel: how z is drawn and applied: ``auto`` (the fused Triton pass on CUDA when triton
+            is importable, else ``blocks``), ``blocks`` or ``triton``; see ``zo/passes.py``.
     """
 
     def __init__(
@@ -66,57 +77,61 @@ class MeZO:
         eps: float = 1e-3,
         weight_decay: float = 0.0,
         seed: int = 0,
+        num_directions: int = 1,
+        perturbation: str = "gaussian",
+        kernel: str = "auto",
     ) -> None:
         if not eps > 0:
             raise ValueError(f"eps must be > 0, got {eps}")
+        if perturbation not in noise.KINDS:
+            raise ValueError(f"unknown perturbation {perturbation!r}; choose one of {', '.join(noise.KINDS)}")
+        self.perturbation = perturbation
+        self.kernel = passes.resolve_kernel(kernel, placement.state.device)
+        if num_directions < 1:
+            raise ValueError(f"num_directions must be >= 1, got {num_directions}")
+        self.num_directions = int(num_directions)
         self.placement = placement
         self.lr = lr if callable(lr) else (lambda _step, _lr=float(lr): _lr)
         self.eps = float(eps)
         self.weight_decay = float(weight_decay)
         self.seed = int(seed)
         self.step_index = 0
-        self._buffers: dict[torch.device, torch.Tensor] = {}
+        self._scratch = passes.Scratch()
+
+    @property
+    def noise_stream(self) -> str:
+        """``blocks`` or ``philox``: which stream this run's z come from (replay needs the same)."""
+        return passes.stream_name(self.kernel, self.perturbation)
 
     # -- passes over the parameters ----------------------------------------------------------
 
-    def _buffer(self, device: torch.device, numel: int) -> torch.Tensor:
-        need = min(noise.BLOCK, numel)
-        buf = self._buffers.get(device)
-        if buf is None or buf.numel() < need:
-            buf = torch.empty(max(need, 1), dtype=torch.float32, device=device)
-            self._buffers[device] = buf
-        return buf
-
     @torch.no_grad()
-    def _pass(self, seed: int, fn: Callable[[torch.Tensor, torch.Tensor, Piece], None]) -> None:
-        for piece in self.placement.pieces():
-            if piece.local.numel() == 0:
-                continue
-            key = noise.param_key(seed, piece.name)
-            device = piece.local.device
-            buf = self._buffer(device, piece.full_numel)
-            blocks = noise.iter_blocks(key, piece.offset, piece.local.numel(), piece.full_numel, device=device, buffer=buf)
-            for start, z in blocks:
-                fn(piece.local[start : start + z.numel()], z, piece)
+    def _pass(self, seed: int, fn: passes.Op) -> None:
+        """One pass over this rank's pieces; ``fn`` is an :class:`passes.Affine` (fused on
+        CUDA) or a callable ``fn(x, z, piece)`` given materialised slices of z."""
+        passes.run_pass(self.placement.pieces(), seed, fn, kind=self.perturbation, kernel=self.kernel,
+                        scratch=self._scratch)
         self.placement.after_edit()
 
     def perturb(self, seed: int, scale: float) -> None:
         """theta += scale * z(seed) on every trainable element this rank holds."""
-        self._pass(seed, lambda x, z, _p: x.add_(z, alpha=scale))
+        self._pass(seed, passes.Affine(scale))
+
+    def _update(self, seed: int, step_size: float) -> None:
+        """theta -= step_size * z(seed): the update of a direction that was already restored."""
+        self._pass(seed, lambda x, z, _p: x.add_(z, alpha=-step_size))
 
     def _restore_and_update(self, seed: int, lr: float, g: float) -> None:
-        eps, decay = self.eps, 1.0 - lr * self.weight_decay
-
-        def fn(x: torch.Tensor, z: torch.Tensor, piece: Piece) -> None:
-            x.add_(z, alpha=eps)
-            if piece.decay and decay != 1.0:
-                x.mul_(decay)
-            if g != 0.0 and lr != 0.0:
-                x.add_(z, alpha=-lr * g)
-
-        self._pass(seed, fn)
+        # (theta + eps z)(1 - lr wd) - lr g z, decay on matrices only: one pass.
+        step = -lr * g if (g != 0.0 and lr != 0.0) else 0.0
+        self._pass(seed, passes.Affine(self.eps, 1.0 - lr * self.weight_decay, step))
 
     # -- the step ------------------------------------------------------------------------------
+
+    def direction_seeds(self, step: int) -> list[int]:
+        """The seeds of a step's directions; the first is ``noise.step_seed(seed, step)``."""
+        first = noise.step_seed(self.seed, step)
+        return [first] + [noise.direction_seed(first, k) for k in range(1, self.num_directions)]
 
     @torch.no_grad()
     def step(self, closure: Closure) -> StepResult:
@@ -126,49 +141,74 @@ class MeZO:
         (the global loss is ``sum(loss_sum) / sum(weight)`` over ranks).
         """
         step = self.step_index
-        seed = noise.step_seed(self.seed, step)
+        seeds = self.direction_seeds(step)
         lr = float(self.lr(step))
         self.placement.eval()
 
-        self.perturb(seed, self.eps)
-        plus, weight = _split(closure())
-        self.perturb(seed, -2.0 * self.eps)
-        minus, _ = _split(closure())
+        measured: list[torch.Tensor] = []
+        weight = torch.zeros((), dtype=torch.float64)
+        for k, seed in enumerate(seeds):
+            self.perturb(seed, self.eps)
+            plus, weight = _split(closure())
+            self.perturb(seed, -2.0 * self.eps)
+            minus, _ = _split(closure())
+            measured += [plus, minus]
+            if k < len(seeds) - 1:
+                self.perturb(seed, self.eps)  # back to theta for the next direction
 
         # The only collective of the step outside the engine's gathers.
-        stats = torch.stack([plus, minus, weight]).to(self._reduce_device())
+        stats = torch.stack([*measured, weight]).to(self._reduce_device())
         stats = self.placement.all_reduce_sum(stats).cpu()
-        loss_plus = float(stats[0] / stats[2])
-        loss_minus = float(stats[1] / stats[2])
-        g = (loss_plus - loss_minus) / (2.0 * self.eps)
+        losses = [float(v / stats[-1]) for v in stats[:-1]]
+        grads = [(losses[2 * k] - losses[2 * k + 1]) / (2.0 * self.eps) for k in range(len(seeds))]
 
-        skipped = not (math.isfinite(loss_plus) and math.isfinite(loss_minus) and math.isfinite(g))
+        skipped = not all(math.isfinite(v) for v in losses + grads)
         if skipped:
-            self.perturb(seed, self.eps)  # back to theta; no update
+            self.perturb(seeds[-1], self.eps)  # back to theta; no update
         else:
-            self._restore_and_update(seed, lr, g)
+            self._apply(seeds, grads, lr)
         self.step_index += 1
+        loss_plus = sum(losses[0::2]) / len(seeds)
+        loss_minus = sum(losses[1::2]) / len(seeds)
+        g_mean = sum(grads) / len(grads)
         return StepResult(
             step=step,
-            seed=seed,
-            projected_grad=g if not skipped else float("nan"),
+            seed=seeds[0],
+            projected_grad=g_mean if not skipped else float("nan"),
             loss=(loss_plus + loss_minus) / 2.0,
             loss_plus=loss_plus,
             loss_minus=loss_minus,
             lr=lr,
             skipped=skipped,
+            directions=tuple(zip(seeds, grads)),
         )
 
+    def _apply(self, seeds: list[int], grads: list[float], lr: float) -> None:
+        """Restore the last direction and apply the averaged update (weight decay once)."""
+        n = len(seeds)
+        self._restore_and_update(seeds[-1], lr, grads[-1] / n)
+        for seed, g in zip(seeds[:-1], grads[:-1]):
+            if g != 0.0 and lr != 0.0:
+                self._update(seed, lr * g / n)
+
     @torch.no_grad()
-    def replay(self, seed: int, projected_grad: float, lr: float, *, skipped: bool = False) -> None:
+    def replay(self, seed: int, projected_grad: float, lr: float, *, skipped: bool = False,
+               directions: list[tuple[int, float]] | None = None) -> None:
         """Apply a logged step without its forwards: the same passes in the same order as
-        :meth:`step`, so the parameters come out bit for bit as training left them."""
-        self.perturb(seed, self.eps)
-        self.perturb(seed, -2.0 * self.eps)
+        :meth:`step`, so the parameters come out bit for bit as training left them.
+
+        ``directions`` holds every (seed, projected gradient) of a step with several directions.
+        """
+        pairs = [(int(s), float(g)) for s, g in directions] if directions else [(seed, projected_grad)]
+        for k, (s, _g) in enumerate(pairs):
+            self.perturb(s, self.eps)
+            self.perturb(s, -2.0 * self.eps)
+            if k < len(pairs) - 1:
+                self.perturb(s, self.eps)
         if skipped:
-            self.perturb(seed, self.eps)
+            self.perturb(pairs[-1][0], self.eps)
         else:
-            self._restore_and_update(seed, lr, projected_grad)
+            self._apply([s for s, _ in pairs], [g for _, g in pairs], lr)
         self.step_index += 1
 
     def _reduce_device(self) -> torch.device:

@@ -40,9 +40,9 @@ def test_api_example_runs(capsys):
 def test_every_train_flag_in_the_readme_exists():
     from transformers import HfArgumentParser
 
-    from mezo_dist.config import DataArguments, ModelArguments, RunArguments, TaskArguments, ZOArguments
+    from mezo_dist.config import ARG_GROUPS
 
-    known = {a for action in HfArgumentParser((ModelArguments, DataArguments, TaskArguments, ZOArguments, RunArguments))._actions
+    known = {a for action in HfArgumentParser(ARG_GROUPS)._actions
              for a in action.option_strings}
     used = set()
     for _, block in code_blocks():
