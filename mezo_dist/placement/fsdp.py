@@ -103,16 +103,24 @@ class FSDPPlacement(Placement):
 
 
 def build_fsdp(
-    name_or_path: str, state: DistState, *, dtype: torch.dtype, trust_remote_code: bool = False, lora=None
+    name_or_path: str, state: DistState, *, dtype: torch.dtype, trust_remote_code: bool = False, lora=None,
+    compute_dtype: torch.dtype | None = None,
 ) -> FSDPPlacement:
     """Build on meta, shard, materialise the shards, then load: the model is never whole on a
     rank's device, and only rank 0 reads the checkpoint (the others receive their shards).
-    LoRA adapters (``lora.lora``) are made on rank 0 and arrive with the base weights."""
+    LoRA adapters (``lora.lora``) are made on rank 0 and arrive with the base weights.
+
+    ``compute_dtype`` (bf16/fp16 with fp32 ``dtype``): FSDP2 gathers the fp32 shards into
+    bf16/fp16 parameters for each forward (``MixedPrecisionPolicy``); the shards MeZO edits stay
+    fp32."""
     from mezo_dist.models import apply_lora, empty_model, load_pretrained
 
     model = apply_lora(empty_model(name_or_path, dtype=dtype, trust_remote_code=trust_remote_code), lora)
     buffers = {name: b.detach().clone() for name, b in model.named_buffers()}
-    apply_fully_shard(model, make_mesh(state))
+    mp = None
+    if compute_dtype is not None:
+        mp = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32)
+    apply_fully_shard(model, make_mesh(state), mp=mp)
     model.to_empty(device=state.device)
     with torch.no_grad():
         for name, b in model.named_buffers():

@@ -39,11 +39,18 @@ class SinglePlacement(Placement):
 
 
 def build_single(
-    name_or_path: str, state, *, dtype: torch.dtype, trust_remote_code: bool = False, lora=None
+    name_or_path: str, state, *, dtype: torch.dtype, trust_remote_code: bool = False, lora=None,
+    compute_dtype: torch.dtype | None = None,
 ) -> SinglePlacement:
-    """Every rank loads the whole model onto its device (with LoRA adapters if ``lora.lora``)."""
+    """Every rank loads the whole model onto its device (with LoRA adapters if ``lora.lora``).
+
+    ``compute_dtype`` (bf16/fp16 with fp32 ``dtype``): forwards run under ``torch.autocast``,
+    while the parameters MeZO edits stay fp32.
+    """
     from mezo_dist.models import apply_lora, load_pretrained
 
     model = load_pretrained(name_or_path, dtype=dtype, trust_remote_code=trust_remote_code)
     model = apply_lora(model, lora).to(state.device)
-    return SinglePlacement(model, state)
+    placement = SinglePlacement(model, state)
+    placement.autocast_dtype = compute_dtype
+    return placement

@@ -1,0 +1,198 @@
+"""One pass of a MeZO step over this rank's pieces: x <- (x + a z) c + b z, z never stored whole.
+
+Every pass of a step is of that form: +eps z (a = eps), -2 eps z, and the fused restore and
+update (a = eps, c = 1 - lr wd on decaying pieces, b = -lr g). Two paths compute it, chosen per
+device by :func:`resolve_kernel`, never by the size or position of a piece (so every layout
+takes the same path and sees the same z):
+
+* ``blocks`` (CPU, and CUDA without Triton): z comes from :mod:`mezo_dist.zo.noise` one block
+  (2^20 elements) at a time. Blocks are independent generators, so on CPU with several intra-op
+  threads a small thread pool draws the next blocks while the main thread applies the current
+  one; ``normal_`` runs on one core, so this is where a CPU pass gains its speed. The values are
+  the ones a serial draw gives, bit for bit.
+* ``triton`` (CUDA with ``triton`` importable): one fused kernel per piece draws z in registers
+  with Philox (``tl.randn`` / ``tl.randint`` at the elements' global indices) and edits x in
+  place; no z buffer at all. This is a different stream from ``blocks``: z agrees across
+  layouts on CUDA, and a run must be replayed on the same path (the trajectory records it).
+
+An op may also be a plain callable ``fn(x, z, piece)`` that edits ``x`` given a materialised
+slice of z; on the ``triton`` path z is then drawn into a buffer by the same kernel, so both
+kinds of op see the same z.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Callable, Union
+
+import torch
+
+from mezo_dist.placement.base import Piece
+from mezo_dist.zo import noise
+
+KERNELS = ("auto", "blocks", "triton")
+# Buffers are (workers + 1) blocks of 4 MiB; more workers than this would not pay on a CPU pass.
+MAX_WORKERS = 8
+
+
+@dataclass(frozen=True)
+class Affine:
+    """x <- (x + a z) c + b z; ``c`` (weight decay) applies only to pieces with ``decay``."""
+
+    a: float
+    c: float = 1.0
+    b: float = 0.0
+
+    def apply(self, x: torch.Tensor, z: torch.Tensor, piece: Piece) -> None:
+        # The order of the in-place ops is the rounding the step has always had.
+        if self.a != 0.0:
+            x.add_(z, alpha=self.a)
+        if piece.decay and self.c != 1.0:
+            x.mul_(self.c)
+        if self.b != 0.0:
+            x.add_(z, alpha=self.b)
+
+
+Op = Union[Affine, Callable[[torch.Tensor, torch.Tensor, Piece], None]]
+
+
+def triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return torch.cuda.is_available()
+
+
+def resolve_kernel(kernel: str, device: torch.device) -> str:
+    """The path a pass takes on ``device``: ``blocks`` or ``triton``."""
+    if kernel not in KERNELS:
+        raise ValueError(f"unknown kernel {kernel!r}; choose one of {', '.join(KERNELS)}")
+    device = torch.device(device)
+    if kernel == "auto":
+        return "triton" if device.type == "cuda" and triton_available() else "blocks"
+    if kernel == "triton" and not (device.type == "cuda" and triton_available()):
+        raise ValueError(f"kernel 'triton' needs a CUDA device and the triton package; this rank has {device.type}")
+    return kernel
+
+
+def stream_name(kernel: str, kind: str) -> str:
+    """How a run's z were drawn, as the trajectory records it: ``blocks`` or ``philox``."""
+    return "philox" if kernel == "triton" else "blocks"
+
+
+def _workers(device: torch.device) -> int:
+    if device.type != "cpu":
+        return 1  # CUDA draws are asynchronous already
+    return max(1, min(MAX_WORKERS, torch.get_num_threads()))
+
+
+_POOL: ThreadPoolExecutor | None = None
+_POOL_PID = -1
+
+
+def _pool(workers: int) -> ThreadPoolExecutor:
+    global _POOL, _POOL_PID
+    # A forked child must not reuse the parent's threads (they do not exist there).
+    if _POOL is None or _POOL_PID != os.getpid() or _POOL._max_workers < workers:
+        _POOL = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="mezo-z")
+        _POOL_PID = os.getpid()
+    return _POOL
+
+
+class Scratch:
+    """The z buffers of a run, kept between passes: (workers + 1) blocks per device."""
+
+    def __init__(self) -> None:
+        self._bufs: dict[torch.device, list[torch.Tensor]] = {}
+
+    def get(self, device: torch.device, count: int, numel: int) -> list[torch.Tensor]:
+        bufs = self._bufs.get(device, [])
+        if len(bufs) < count or bufs[0].numel() < numel:
+            size = max(numel, bufs[0].numel() if bufs else 1)
+            bufs = [torch.empty(size, dtype=torch.float32, device=device) for _ in range(max(count, len(bufs)))]
+            self._bufs[device] = bufs
+        return bufs
+
+
+def run_pass(pieces: list[Piece], seed: int, op: Op, *, kind: str, kernel: str, scratch: Scratch) -> None:
+    """Apply ``op`` with the z of step seed ``seed`` to every piece (in place, under no_grad)."""
+    pieces = [p for p in pieces if p.local.numel() > 0]
+    if not pieces:
+        return
+    path = resolve_kernel(kernel, pieces[0].local.device)
+    if path == "triton":
+        _triton_pass(pieces, seed, op, kind, scratch)
+    else:
+        _blocks_pass(pieces, seed, op, kind, scratch)
+
+
+def _apply(op: Op, x: torch.Tensor, z: torch.Tensor, piece: Piece) -> None:
+    if isinstance(op, Affine):
+        op.apply(x, z, piece)
+    else:
+        op(x, z, piece)
+
+
+def _blocks_pass(pieces: list[Piece], seed: int, op: Op, kind: str, scratch: Scratch) -> None:
+    # (piece, key, block, block start, block length, lo, hi) for every block of every piece.
+    tasks = []
+    for piece in pieces:
+        key = noise.param_key(seed, piece.name)
+        for block, b_start, b_len, lo, hi in noise.block_plan(piece.offset, piece.local.numel(), piece.full_numel):
+            tasks.append((piece, key, block, b_start, b_len, lo, hi))
+    device = pieces[0].local.device
+    longest = max(t[4] for t in tasks)
+    workers = _workers(device) if len(tasks) > 1 else 1
+    bufs = scratch.get(device, workers + 1 if workers > 1 else 1, longest)
+
+    def draw(i: int) -> torch.Tensor:
+        _, key, block, b_start, b_len, lo, hi = tasks[i]
+        z = bufs[i % len(bufs)][:b_len]
+        noise.fill_block(z, key, block, kind=kind, lo=lo - b_start, hi=hi - b_start)
+        return z
+
+    def consume(i: int, z: torch.Tensor) -> None:
+        piece, _, _, b_start, _, lo, hi = tasks[i]
+        start = lo - piece.offset
+        _apply(op, piece.local[start : start + hi - lo], z[lo - b_start : hi - b_start], piece)
+
+    if workers == 1:
+        for i in range(len(tasks)):
+            consume(i, draw(i))
+        return
+    # Up to `workers` blocks are drawn ahead; block i + workers reuses the buffer of block i - 1,
+    # which the main thread has already consumed.
+    pool = _pool(workers)
+    ahead = deque(pool.submit(draw, i) for i in range(min(workers, len(tasks))))
+    try:
+        for i in range(len(tasks)):
+            z = ahead.popleft().result()
+            if i + workers < len(tasks):
+                ahead.append(pool.submit(draw, i + workers))
+            consume(i, z)
+    finally:
+        for f in ahead:  # never leave a draw running into a buffer the next pass reuses
+            f.cancel() or f.exception()
+
+
+def _triton_pass(pieces: list[Piece], seed: int, op: Op, kind: str, scratch: Scratch) -> None:
+    from mezo_dist.zo import triton_pass
+
+    for piece in pieces:
+        key = noise.param_key(seed, piece.name)
+        if isinstance(op, Affine):
+            c = op.c if piece.decay else 1.0
+            triton_pass.affine_(piece.local, key, piece.offset, piece.full_numel, op.a, c, op.b, kind=kind)
+            continue
+        # A generic op gets z materialised by the same kernel, one block-sized chunk at a time.
+        n = piece.local.numel()
+        buf = scratch.get(piece.local.device, 1, min(noise.BLOCK, n))[0]
+        for start in range(0, n, noise.BLOCK):
+            count = min(noise.BLOCK, n - start)
+            z = buf[:count].zero_()
+            triton_pass.affine_(z, key, piece.offset + start, piece.full_numel, 1.0, 1.0, 0.0, kind=kind)
+            op(piece.local[start : start + count], z, piece)

@@ -1,0 +1,141 @@
+"""Perturbation passes: Rademacher z, the threaded CPU path, and the fused CUDA path.
+
+The threaded pass must give the serial draw bit for bit; the fused Triton pass (GPU only) must
+give every shard the same z as the whole parameter.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mezo_dist import MeZO, wrap
+from mezo_dist.placement.base import Piece
+from mezo_dist.zo import noise, passes
+
+
+@pytest.fixture
+def small_blocks(monkeypatch):
+    monkeypatch.setattr(noise, "BLOCK", 1000)
+
+
+def shards(x: torch.Tensor, name: str, world: int) -> list[Piece]:
+    """ZeRO-3 style flat partitions of ``x`` (a short last rank), as pieces."""
+    n = x.numel()
+    chunk = -(-n // world)
+    out = []
+    for r in range(world):
+        lo, hi = min(n, r * chunk), min(n, (r + 1) * chunk)
+        out.append(Piece(name, x.view(-1)[lo:hi], lo, n, decay=True, shard=True))
+    return out
+
+
+@pytest.mark.parametrize("offset,count", [(0, 4567), (1, 999), (999, 2), (1000, 1000), (2345, 2222), (4566, 1)])
+def test_rademacher_slices_equal_the_full_draw(small_blocks, offset, count):
+    key, n = noise.param_key(2, "w"), 4567
+    full = noise.draw(key, 0, n, n, kind="rademacher")
+    assert set(full.unique().tolist()) == {-1.0, 1.0}
+    assert torch.equal(noise.draw(key, offset, count, n, kind="rademacher"), full[offset : offset + count])
+
+
+def test_rademacher_is_balanced_and_differs_from_gaussian():
+    n = 2_000_000
+    key = noise.param_key(5, "big")
+    z = noise.draw(key, 0, n, n, kind="rademacher")
+    assert abs(z.mean().item()) < 3e-3
+    # Neighbouring signs are independent: the lag-1 correlation is near 0.
+    assert abs((z[1:] * z[:-1]).mean().item()) < 3e-3
+    assert not torch.equal(z.sign(), noise.draw(key, 0, n, n).sign())
+
+
+@pytest.mark.parametrize("kind", noise.KINDS)
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_threaded_pass_equals_the_serial_draw(small_blocks, kind, threads):
+    torch.manual_seed(0)
+    params = {"a": torch.randn(4567), "b": torch.randn(37), "c": torch.randn(2000)}
+    expected = {k: v.clone() for k, v in params.items()}
+    seed = noise.step_seed(3, 1)
+    for name, v in expected.items():
+        v.add_(noise.draw(noise.param_key(seed, name), 0, v.numel(), v.numel(), kind=kind), alpha=0.5)
+    pieces = [p for name, v in params.items() for p in shards(v, name, 3)]
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        passes.run_pass(pieces, seed, passes.Affine(0.5), kind=kind, kernel="blocks", scratch=passes.Scratch())
+    finally:
+        torch.set_num_threads(before)
+    for name in params:
+        assert torch.equal(params[name], expected[name]), name
+
+
+def test_affine_and_callable_ops_agree(small_blocks):
+    torch.manual_seed(1)
+    x, y = torch.randn(3001), None
+    y = x.clone()
+    seed = noise.step_seed(0, 0)
+    op = passes.Affine(1e-3, 0.9, -2e-3)
+
+    def fn(t, z, piece):
+        op.apply(t, z, piece)
+
+    passes.run_pass(shards(x, "w", 2), seed, op, kind="gaussian", kernel="blocks", scratch=passes.Scratch())
+    passes.run_pass(shards(y, "w", 1), seed, fn, kind="gaussian", kernel="blocks", scratch=passes.Scratch())
+    assert torch.equal(x, y)
+
+
+def test_rademacher_step_follows_zo_sgd():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(7, 5), torch.nn.Linear(5, 3))
+    before = {k: v.detach().clone() for k, v in model.named_parameters()}
+    x = torch.linspace(-1, 1, 14).reshape(2, 7)
+    zo = MeZO(wrap(model), lr=1e-2, eps=1e-3, seed=4, perturbation="rademacher")
+    assert zo.noise_stream == "blocks"
+    res = zo.step(lambda: model(x).pow(2).mean())
+    for name, p in model.named_parameters():
+        z = noise.draw(noise.param_key(res.seed, name), 0, p.numel(), p.numel(), kind="rademacher").view_as(p)
+        assert torch.allclose(p.detach(), before[name] - 1e-2 * res.projected_grad * z, atol=1e-6), name
+    with pytest.raises(ValueError, match="unknown perturbation"):
+        MeZO(wrap(model), lr=1e-3, perturbation="uniform")
+
+
+def test_triton_kernel_is_refused_without_cuda():
+    if passes.triton_available():
+        pytest.skip("CUDA and triton are present")
+    with pytest.raises(ValueError, match="needs a CUDA device"):
+        passes.resolve_kernel("triton", torch.device("cpu"))
+    assert passes.resolve_kernel("auto", torch.device("cpu")) == "blocks"
+
+
+# -- the fused CUDA pass (runs where a GPU and triton are present) ----------------------------
+
+needs_triton = pytest.mark.skipif(not passes.triton_available(), reason="needs CUDA and triton")
+
+
+@pytest.mark.gpu
+@needs_triton
+@pytest.mark.parametrize("kind", noise.KINDS)
+def test_fused_pass_gives_every_shard_the_same_z(kind):
+    n, seed = 3 * (1 << 20) + 12345, noise.step_seed(9, 2)
+    base = torch.randn(n, device="cuda")
+    whole = base.clone()
+    passes.run_pass(shards(whole, "w", 1), seed, passes.Affine(1.0), kind=kind, kernel="triton", scratch=passes.Scratch())
+    for world in (2, 3, 8):
+        x = base.clone()
+        passes.run_pass(shards(x, "w", world), seed, passes.Affine(1.0), kind=kind, kernel="triton",
+                        scratch=passes.Scratch())
+        assert torch.equal(x, whole), world
+    z = whole - base
+    assert abs(z.mean().item()) < 5e-3 and abs(z.std().item() - 1) < 5e-3
+
+
+@pytest.mark.gpu
+@needs_triton
+def test_fused_and_callable_ops_agree_on_cuda():
+    n, seed = 5000, noise.step_seed(1, 1)
+    x = torch.randn(n, device="cuda")
+    y = x.clone()
+    op = passes.Affine(1e-3, 0.5, 2e-3)
+    passes.run_pass(shards(x, "w", 2), seed, op, kind="gaussian", kernel="triton", scratch=passes.Scratch())
+    passes.run_pass(shards(y, "w", 1), seed, lambda t, z, p: op.apply(t, z, p), kind="gaussian", kernel="triton",
+                    scratch=passes.Scratch())
+    assert torch.allclose(x, y, atol=1e-6)
