@@ -1,15 +1,16 @@
-"""MeZO with LoRA adapters (peft): the same adapters on 1 process and 2-rank FSDP2, only adapters
+"""MeZO with LoRA adapters (peft): the same adapters on 1 process, 2-rank FSDP2 and ZeRO-3, only adapters
 change, and the seed log replays them."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.helpers import launch
+from tests.helpers import ROOT, launch
 
 ARGS = ["--lora", "--lora_r", "4", "--max_steps", "6", "--max_length", "32", "--learning_rate", "1e-2",
         "--zo_eps", "1e-3", "--seed", "3", "--disable_tqdm", "--report_to", "none"]
@@ -31,11 +32,18 @@ def lora_runs(tiny_models, text_file, tmp_path_factory):
     launch("python", "launch/train.py", [*common, "--per_device_train_batch_size", "4", "--output_dir", str(tmp / "one")])
     launch("torchrun", "launch/train.py", [*common, "--backend", "fsdp", "--per_device_train_batch_size", "2",
                                            "--output_dir", str(tmp / "two")])
+    # Threshold 0: the adapters are partitioned too, not kept whole on every rank.
+    cfg = json.loads((ROOT / "ds_configs" / "zero3.json").read_text())
+    cfg["zero_optimization"]["stage3_param_persistence_threshold"] = 0
+    (tmp / "zero3.json").write_text(json.dumps(cfg))
+    launch("deepspeed", "launch/train.py", [*common, "--ds_config", str(tmp / "zero3.json"),
+                                            "--per_device_train_batch_size", "2", "--output_dir", str(tmp / "zero3")])
     return tmp
 
 
-def test_lora_on_fsdp_matches_one_process_and_trains_only_adapters(lora_runs):
-    one, two = adapters(lora_runs / "one" / "final"), adapters(lora_runs / "two" / "final")
+@pytest.mark.parametrize("layout", ["two", "zero3"])
+def test_lora_sharded_matches_one_process_and_trains_only_adapters(layout, lora_runs):
+    one, two = adapters(lora_runs / "one" / "final"), adapters(lora_runs / layout / "final")
     assert one and all("lora_" in k for k in one), "the export must hold the adapters alone"
     assert max_diff(one, two) <= 1e-5
     b_weights = [v for k, v in one.items() if "lora_B" in k]
