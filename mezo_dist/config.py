@@ -449,6 +449,11 @@ def read_ds_config(path: str | None, *, with_optimizer: bool = False) -> dict[st
     stage = cfg.get("zero_optimization", {}).get("stage")
     if stage != 3:
         raise ConfigError(f"ds_config {path} has ZeRO stage {stage}; the zero3 backend needs stage 3")
+    offload = cfg["zero_optimization"].get("offload_param") or {}
+    if offload.get("device") == "nvme" and not with_optimizer:
+        # NVMe offload swaps partitions out to disk between uses; MeZO's passes edit them in place.
+        raise ConfigError(f"ds_config {path} offloads parameters to nvme; MeZO on the zero3 backend supports "
+                          "offload_param device cpu (ds_configs/zero3_offload.json), not nvme")
     if "optimizer" in cfg and not with_optimizer:
         raise ConfigError(f"ds_config {path} defines an optimizer; MeZO's ZeRO-3 engine must be forward-only "
                           "(ds_configs/zero3.json), or pass --trainer regular")

@@ -6,6 +6,12 @@ Parameters below ``stage3_param_persistence_threshold`` (and any parameter the e
 gathered) are live in ``param.data`` on every rank: those are edited whole, identically on every
 rank, and the rank's slice is copied back into ``ds_tensor`` so that DeepSpeed's own partition
 never goes stale (it is what the next gather, or a checkpoint, reads).
+
+With parameter offload (``offload_param`` device cpu) the partitions of non-persistent
+parameters live in host memory: the pieces are those host tensors, edited in place where they
+are, and their noise is drawn on the host (so an offloaded GPU run matches runs drawn on CPU, not
+a non-offloaded GPU run). NVMe offload swaps partitions out to disk between uses, where in-place
+edits cannot reach them: it is refused.
 """
 
 from __future__ import annotations
@@ -73,7 +79,13 @@ class Zero3Placement(Placement):
                 if valid > 0:
                     self._mirrors.append((p, offset, valid))
             else:
+                if _swapped_out(p):
+                    raise RuntimeError(
+                        f"parameter {name}: its partition is swapped out to NVMe; MeZO edits partitions in place, "
+                        "so the zero3 placement supports offload_param device cpu, not nvme"
+                    )
                 offset, valid = _partition_geometry(p)
+                # With offload_param device cpu this is a host tensor; the noise is drawn there.
                 local = p.ds_tensor.data.view(-1)[:valid]
                 out.append(Piece(name, local, offset, p.ds_numel, decays(shape), shard=True))
         return out
@@ -104,6 +116,13 @@ class Zero3Placement(Placement):
             if key not in param_names:  # persistent buffers are never partitioned
                 sd[key] = value.detach().to("cpu", copy=True)
         return sd
+
+
+def _swapped_out(p: nn.Parameter) -> bool:
+    # ZeRO-Infinity's NVMe offload keeps a partition on disk between uses (ds_tensor is empty).
+    from deepspeed.runtime.zero.partition_parameters import PartitionedParamStatus
+
+    return getattr(p.ds_tensor, "status", None) == PartitionedParamStatus.NOT_AVAILABLE
 
 
 def _is_offload_only(optimizer: Any) -> bool:
