@@ -32,6 +32,10 @@ class Piece:
         full_numel: number of elements of the full parameter.
         decay: whether weight decay applies (matrices yes; biases and norm weights no).
         shard: True for a piece of a sharded parameter, False for a full replica.
+        compute: with ``--precision`` over fp32 values, the storage the forward reads (same
+            elements as ``local``, which is then an fp32 master): a pass leaves it holding
+            ``local + (current perturbation) z``, so ``local`` itself is never perturbed and a
+            +eps, -2 eps, +eps cycle gives it back bit for bit.
     """
 
     name: str
@@ -40,6 +44,7 @@ class Piece:
     full_numel: int
     decay: bool
     shard: bool
+    compute: torch.Tensor | None = None
 
 
 def decays(full_shape: torch.Size | tuple[int, ...]) -> bool:
@@ -77,6 +82,11 @@ class Placement(ABC):
 
     # Set by ``--precision`` on ``single``: fp32 parameters, forwards under torch.autocast.
     autocast_dtype: torch.dtype | None = None
+    # Set by a MeZO pass that has already written the ``compute`` storage of its pieces;
+    # ``after_edit`` of a placement with masters syncs that storage itself otherwise.
+    compute_synced: bool = False
+    # A mezo_dist.placement.masters.Masters when --precision keeps fp32 masters apart from the model.
+    masters: Any = None
 
     def forward(self, **batch: Any) -> Any:
         if self.autocast_dtype is not None:

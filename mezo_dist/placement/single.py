@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 
 from mezo_dist.placement.base import Piece, Placement, decays
+from mezo_dist.placement.masters import Masters
 
 
 class SinglePlacement(Placement):
@@ -30,7 +31,14 @@ class SinglePlacement(Placement):
                     shard=False,
                 )
             )
+        if self.masters is not None:  # --precision over fp32 values: MeZO edits fp32 masters
+            out = self._attached = self.masters.attach(out)
         return out
+
+    def after_edit(self) -> None:
+        if self.masters is not None and not self.compute_synced:
+            Masters.sync(self._attached)
+        self.compute_synced = False
 
     def full_state_dict(self) -> dict[str, torch.Tensor] | None:
         if not self.state.is_main:
@@ -52,5 +60,6 @@ def build_single(
     model = load_pretrained(name_or_path, dtype=dtype, trust_remote_code=trust_remote_code)
     model = apply_lora(model, lora).to(state.device)
     placement = SinglePlacement(model, state)
-    placement.autocast_dtype = compute_dtype
+    if compute_dtype is not None:
+        placement.autocast_dtype, placement.masters = compute_dtype, Masters()
     return placement

@@ -5,8 +5,10 @@ bf16/fp16). Perturbing and updating those directly would round every +eps z, -2 
 and every small update to 8 (bf16) or 11 (fp16) significant bits. So this placement keeps an fp32
 copy of what each rank edits, a *master*: the rank's partition of every parameter (4 bytes per
 parameter / world size), or the whole parameter while DeepSpeed keeps it gathered on every rank
-(persistent parameters, small by definition). :meth:`pieces` hands out the masters;
-:meth:`after_edit` casts them into ``ds_tensor`` (and ``param.data`` when gathered).
+(persistent parameters, small by definition). :meth:`pieces` hands out the masters as
+``Piece.local`` and DeepSpeed's storage (``ds_tensor``, or ``param.data`` when gathered) as
+``Piece.compute``, which a MeZO pass fills with ``master + (current scale) z``; see
+``masters.py``.
 
 A master changes form with its parameter: when a parameter becomes gathered, the fp32
 partitions are all-gathered into a whole master (a collective, taken by every rank in the same
@@ -29,6 +31,7 @@ from torch import nn
 
 from mezo_dist.distributed import DistState
 from mezo_dist.placement.base import Piece, decays
+from mezo_dist.placement.masters import Masters
 from mezo_dist.placement.zero3 import Zero3Placement, _partition_geometry, _status
 
 
@@ -40,6 +43,7 @@ class Zero3MixedPlacement(Zero3Placement):
         # name -> (parameter, master, whole): whole masters are the full flat parameter,
         # others the rank's partition padded to the partition size.
         self._masters: dict[str, tuple[nn.Parameter, torch.Tensor, bool]] = {}
+        self._attached: list[Piece] = []
 
     @torch.no_grad()
     def _master(self, name: str, p: nn.Parameter, whole: bool) -> torch.Tensor:
@@ -62,6 +66,7 @@ class Zero3MixedPlacement(Zero3Placement):
     def pieces(self) -> list[Piece]:
         status = _status()
         out: list[Piece] = []
+        self._mirrors = []
         for name, p in self.module.named_parameters():
             if not p.requires_grad:
                 continue
@@ -70,22 +75,23 @@ class Zero3MixedPlacement(Zero3Placement):
             whole = p.ds_status == status.AVAILABLE
             master = self._master(name, p, whole)
             shape = tuple(p.ds_shape)
+            offset, valid = _partition_geometry(p)
             if whole:
-                out.append(Piece(name, master, 0, p.ds_numel, decays(shape), shard=False))
+                out.append(Piece(name, master, 0, p.ds_numel, decays(shape), shard=False, compute=p.data.view(-1)))
+                if valid > 0:
+                    self._mirrors.append((p, offset, valid))
             else:
-                offset, valid = _partition_geometry(p)
-                out.append(Piece(name, master[:valid], offset, p.ds_numel, decays(shape), shard=True))
+                compute = p.ds_tensor.data.view(-1)[:valid]
+                out.append(Piece(name, master[:valid], offset, p.ds_numel, decays(shape), shard=True, compute=compute))
+        self._attached = out
         return out
 
     @torch.no_grad()
     def after_edit(self) -> None:
-        for p, master, whole in self._masters.values():
-            offset, valid = _partition_geometry(p)
-            part = master[offset : offset + valid] if whole else master[:valid]
-            if valid > 0:
-                p.ds_tensor.data.view(-1)[:valid].copy_(part)
-            if whole:
-                p.data.view(-1).copy_(master)
+        if not self.compute_synced:
+            Masters.sync(self._attached)
+        self.compute_synced = False
+        super().after_edit()  # a gathered parameter's slice back into its ds_tensor
 
     @torch.no_grad()
     def full_state_dict(self) -> dict[str, torch.Tensor] | None:

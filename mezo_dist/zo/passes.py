@@ -6,9 +6,9 @@ device by :func:`resolve_kernel`, never by the size or position of a piece (so e
 takes the same path and sees the same z):
 
 * ``blocks`` (CPU, and CUDA without Triton): z comes from :mod:`mezo_dist.zo.noise` one block
-  (2^20 elements) at a time. Blocks are independent generators, so on CPU with several intra-op
-  threads a small thread pool draws the next blocks while the main thread applies the current
-  one; ``normal_`` runs on one core, so this is where a CPU pass gains its speed. The values are
+  (2^20 elements) at a time. Blocks are independent generators, so on CPU with N intra-op
+  threads, N worker threads (one intra-op thread each) draw and apply blocks side by side;
+  ``normal_`` runs on one core, so this is where a CPU pass gains its speed. The values are
   the ones a serial draw gives, bit for bit.
 * ``triton`` (CUDA with ``triton`` importable): one fused kernel per piece draws z in registers
   with Philox (``tl.randn`` / ``tl.randint`` at the elements' global indices) and edits x in
@@ -18,12 +18,18 @@ takes the same path and sees the same z):
 An op may also be a plain callable ``fn(x, z, piece)`` that edits ``x`` given a materialised
 slice of z; on the ``triton`` path z is then drawn into a buffer by the same kernel, so both
 kinds of op see the same z.
+
+Pieces with a ``compute`` storage (``--precision`` over fp32 masters, see
+``placement/masters.py``) are edited differently: the master takes only the update
+(``x <- x c + b z``), and the storage receives ``master + o z``, where ``o`` is the perturbation
+scale after the pass (the caller passes the scale before it). The masters never hold a
+perturbation, so they come back bit for bit.
 """
 
 from __future__ import annotations
 
 import os
-from collections import deque
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Callable, Union
@@ -34,7 +40,7 @@ from mezo_dist.placement.base import Piece
 from mezo_dist.zo import noise
 
 KERNELS = ("auto", "blocks", "triton")
-# Buffers are (workers + 1) blocks of 4 MiB; more workers than this would not pay on a CPU pass.
+# Each worker keeps one 4 MiB block buffer; more workers than this would not pay on a CPU pass.
 MAX_WORKERS = 8
 
 
@@ -94,17 +100,32 @@ _POOL: ThreadPoolExecutor | None = None
 _POOL_PID = -1
 
 
+_LOCAL = threading.local()
+
+
 def _pool(workers: int) -> ThreadPoolExecutor:
     global _POOL, _POOL_PID
     # A forked child must not reuse the parent's threads (they do not exist there).
     if _POOL is None or _POOL_PID != os.getpid() or _POOL._max_workers < workers:
-        _POOL = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="mezo-z")
+        _POOL = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="mezo-z",
+                                   initializer=torch.set_num_threads, initargs=(1,))
         _POOL_PID = os.getpid()
     return _POOL
 
 
+def _thread_buffer(device: torch.device, numel: int) -> torch.Tensor:
+    """A worker's own z buffer (one block), kept for the thread's life."""
+    bufs = getattr(_LOCAL, "bufs", None)
+    if bufs is None:
+        bufs = _LOCAL.bufs = {}
+    buf = bufs.get(device)
+    if buf is None or buf.numel() < numel:
+        buf = bufs[device] = torch.empty(max(numel, 1), dtype=torch.float32, device=device)
+    return buf
+
+
 class Scratch:
-    """The z buffers of a run, kept between passes: (workers + 1) blocks per device."""
+    """The z buffer of a run's serial passes, kept between passes (workers keep their own)."""
 
     def __init__(self) -> None:
         self._bufs: dict[torch.device, list[torch.Tensor]] = {}
@@ -118,26 +139,55 @@ class Scratch:
         return bufs
 
 
-def run_pass(pieces: list[Piece], seed: int, op: Op, *, kind: str, kernel: str, scratch: Scratch) -> None:
-    """Apply ``op`` with the z of step seed ``seed`` to every piece (in place, under no_grad)."""
+def run_pass(
+    pieces: list[Piece], seed: int, op: Op, *, kind: str, kernel: str, scratch: Scratch, offset: float = 0.0
+) -> bool:
+    """Apply ``op`` with the z of step seed ``seed`` to every piece (in place, under no_grad).
+
+    ``offset`` is the perturbation scale the pieces' ``compute`` storage holds before the pass.
+    Returns whether any piece had a ``compute`` storage (which the pass then wrote).
+    """
     pieces = [p for p in pieces if p.local.numel() > 0]
     if not pieces:
-        return
+        return False
     path = resolve_kernel(kernel, pieces[0].local.device)
     if path == "triton":
-        _triton_pass(pieces, seed, op, kind, scratch)
+        _triton_pass(pieces, seed, op, kind, scratch, offset)
     else:
-        _blocks_pass(pieces, seed, op, kind, scratch)
+        _blocks_pass(pieces, seed, op, kind, scratch, offset)
+    return any(p.compute is not None for p in pieces)
 
 
-def _apply(op: Op, x: torch.Tensor, z: torch.Tensor, piece: Piece) -> None:
+def _apply(op: Op, x: torch.Tensor, z: torch.Tensor, piece: Piece, compute: torch.Tensor | None, offset: float) -> None:
+    if compute is not None:
+        return _apply_master(op, x, z, piece, compute, offset)
     if isinstance(op, Affine):
         op.apply(x, z, piece)
     else:
         op(x, z, piece)
 
 
-def _blocks_pass(pieces: list[Piece], seed: int, op: Op, kind: str, scratch: Scratch) -> None:
+def _apply_master(op: Op, master: torch.Tensor, z: torch.Tensor, piece: Piece, compute: torch.Tensor,
+                  offset: float) -> None:
+    # The virtual value is master + offset z; an Affine op maps it to
+    # master c + b z + (offset + a) c z: the master takes c and b, the storage the rest.
+    if isinstance(op, Affine):
+        c = op.c if piece.decay else 1.0
+        if c != 1.0:
+            master.mul_(c)
+        if op.b != 0.0:
+            master.add_(z, alpha=op.b)
+        scale = (offset + op.a) * c
+    else:
+        op(master, z, piece)
+        scale = offset
+    if scale == 0.0:
+        compute.copy_(master)
+    else:
+        compute.copy_(torch.add(master, z, alpha=scale))
+
+
+def _blocks_pass(pieces: list[Piece], seed: int, op: Op, kind: str, scratch: Scratch, offset: float) -> None:
     # (piece, key, block, block start, block length, lo, hi) for every block of every piece.
     tasks = []
     for piece in pieces:
@@ -147,52 +197,48 @@ def _blocks_pass(pieces: list[Piece], seed: int, op: Op, kind: str, scratch: Scr
     device = pieces[0].local.device
     longest = max(t[4] for t in tasks)
     workers = _workers(device) if len(tasks) > 1 else 1
-    bufs = scratch.get(device, workers + 1 if workers > 1 else 1, longest)
+    bufs = scratch.get(device, 1, longest) if workers == 1 else []
 
-    def draw(i: int) -> torch.Tensor:
+    def draw(i: int, buf: torch.Tensor) -> torch.Tensor:
         _, key, block, b_start, b_len, lo, hi = tasks[i]
-        z = bufs[i % len(bufs)][:b_len]
+        z = buf[:b_len]
         noise.fill_block(z, key, block, kind=kind, lo=lo - b_start, hi=hi - b_start)
         return z
 
     def consume(i: int, z: torch.Tensor) -> None:
         piece, _, _, b_start, _, lo, hi = tasks[i]
         start = lo - piece.offset
-        _apply(op, piece.local[start : start + hi - lo], z[lo - b_start : hi - b_start], piece)
+        compute = None if piece.compute is None else piece.compute[start : start + hi - lo]
+        _apply(op, piece.local[start : start + hi - lo], z[lo - b_start : hi - b_start], piece, compute, offset)
 
     if workers == 1:
         for i in range(len(tasks)):
-            consume(i, draw(i))
+            consume(i, draw(i, bufs[0]))
         return
-    # Up to `workers` blocks are drawn ahead; block i + workers reuses the buffer of block i - 1,
-    # which the main thread has already consumed.
-    pool = _pool(workers)
-    ahead = deque(pool.submit(draw, i) for i in range(min(workers, len(tasks))))
-    try:
-        for i in range(len(tasks)):
-            z = ahead.popleft().result()
-            if i + workers < len(tasks):
-                ahead.append(pool.submit(draw, i + workers))
-            consume(i, z)
-    finally:
-        for f in ahead:  # never leave a draw running into a buffer the next pass reuses
-            f.cancel() or f.exception()
+    # Each worker draws a block into its own buffer and applies it to its (disjoint) slice.
+    # Workers run their ops on one intra-op thread each, so the pass never oversubscribes.
+    futures = [_pool(workers).submit(lambda i=i: consume(i, draw(i, _thread_buffer(device, longest))))
+               for i in range(len(tasks))]
+    for f in futures:
+        f.result()
 
 
-def _triton_pass(pieces: list[Piece], seed: int, op: Op, kind: str, scratch: Scratch) -> None:
+def _triton_pass(pieces: list[Piece], seed: int, op: Op, kind: str, scratch: Scratch, offset: float) -> None:
     from mezo_dist.zo import triton_pass
 
     for piece in pieces:
         key = noise.param_key(seed, piece.name)
-        if isinstance(op, Affine):
+        if isinstance(op, Affine) and piece.compute is None:
             c = op.c if piece.decay else 1.0
             triton_pass.affine_(piece.local, key, piece.offset, piece.full_numel, op.a, c, op.b, kind=kind)
             continue
-        # A generic op gets z materialised by the same kernel, one block-sized chunk at a time.
+        # A generic op, or a piece with fp32 masters, gets z materialised by the same kernel, one
+        # block-sized chunk at a time.
         n = piece.local.numel()
         buf = scratch.get(piece.local.device, 1, min(noise.BLOCK, n))[0]
         for start in range(0, n, noise.BLOCK):
             count = min(noise.BLOCK, n - start)
             z = buf[:count].zero_()
             triton_pass.affine_(z, key, piece.offset + start, piece.full_numel, 1.0, 1.0, 0.0, kind=kind)
-            op(piece.local[start : start + count], z, piece)
+            compute = None if piece.compute is None else piece.compute[start : start + count]
+            _apply(op, piece.local[start : start + count], z, piece, compute, offset)

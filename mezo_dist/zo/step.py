@@ -97,6 +97,9 @@ class MeZO:
         self.seed = int(seed)
         self.step_index = 0
         self._scratch = passes.Scratch()
+        # The perturbation the model holds now, as (seed, scale): pieces with fp32 masters keep
+        # it out of the masters, in their compute storage (see zo/passes.py).
+        self._perturbed: tuple[int, float] = (0, 0.0)
 
     @property
     def noise_stream(self) -> str:
@@ -109,8 +112,14 @@ class MeZO:
     def _pass(self, seed: int, fn: passes.Op) -> None:
         """One pass over this rank's pieces; ``fn`` is an :class:`passes.Affine` (fused on
         CUDA) or a callable ``fn(x, z, piece)`` given materialised slices of z."""
-        passes.run_pass(self.placement.pieces(), seed, fn, kind=self.perturbation, kernel=self.kernel,
-                        scratch=self._scratch)
+        held_seed, offset = self._perturbed
+        if offset != 0.0 and held_seed != seed:
+            raise RuntimeError(f"a pass with seed {seed} while the perturbation of seed {held_seed} is applied")
+        wrote = passes.run_pass(self.placement.pieces(), seed, fn, kind=self.perturbation, kernel=self.kernel,
+                                scratch=self._scratch, offset=offset)
+        if isinstance(fn, passes.Affine):
+            self._perturbed = (seed, offset + fn.a)
+        self.placement.compute_synced = wrote
         self.placement.after_edit()
 
     def perturb(self, seed: int, scale: float) -> None:
