@@ -37,7 +37,8 @@ def main(argv: list[str] | None = None) -> int:
 
     state = None
     try:
-        state = init_distributed(use_deepspeed=cfg.run.backend == "zero3", need_group=cfg.run.backend == "fsdp")
+        state = init_distributed(use_deepspeed=cfg.run.backend == "zero3", need_group=cfg.run.backend == "fsdp",
+                                 hsdp_replicas=cfg.run.hsdp_replicas)
         quiet_other_ranks(state)
         summary = train(cfg, state)
         if state.is_main and "steps" in summary:

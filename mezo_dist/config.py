@@ -162,6 +162,11 @@ class RunArguments:
     report_to: str = field(default="tensorboard", metadata={"help": "Trackers: tensorboard or none."})
     disable_tqdm: bool = field(default=False, metadata={"help": "No progress bar."})
     local_rank: int = field(default=-1, metadata={"help": "Set by the deepspeed launcher; the environment is what counts."})
+    hsdp_replicas: int = field(
+        default=1,
+        metadata={"help": "fsdp: hybrid sharding, a (replicas, world/replicas) mesh: shard within a group "
+                  "(a node), replicate across groups (1: plain FSDP2)."},
+    )
 
 
 @dataclass
@@ -250,6 +255,7 @@ def validate(cfg: TrainConfig) -> None:
         obj = zo if name == "warmup_steps" else run
         if getattr(obj, name) < 0:
             raise ConfigError(f"--{name} must be >= 0, got {getattr(obj, name)}")
+    validate_hsdp(run)
     if cfg.model.lora and cfg.model.lora_r < 1:
         raise ConfigError(f"--lora_r must be >= 1, got {cfg.model.lora_r}")
     validate_backprop(cfg)
@@ -321,6 +327,21 @@ def validate_backprop(cfg: TrainConfig) -> None:
     _positive("adam_epsilon", bp.adam_epsilon)
     _positive("momentum", bp.momentum, strict=False)
     _positive("max_grad_norm", bp.max_grad_norm, strict=False)
+
+
+def validate_hsdp(run: RunArguments) -> None:
+    """The 2-D mesh needs a world size that the replica count divides (read from the launcher)."""
+    from mezo_dist.distributed import env_world
+
+    if run.hsdp_replicas == 1:
+        return
+    if run.hsdp_replicas < 1:
+        raise ConfigError(f"--hsdp_replicas must be >= 1, got {run.hsdp_replicas}")
+    if run.backend != "fsdp":
+        raise ConfigError(f"--hsdp_replicas is for the fsdp backend, not {run.backend}")
+    world = env_world()[1]
+    if world % run.hsdp_replicas:
+        raise ConfigError(f"--hsdp_replicas {run.hsdp_replicas} does not divide the world size {world}")
 
 
 def resume_fields(cfg: TrainConfig) -> dict[str, Any]:

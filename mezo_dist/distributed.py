@@ -23,6 +23,7 @@ class DistState:
     local_rank: int
     device: torch.device
     backend: str  # "nccl" on CUDA, "gloo" on CPU; "" when no process group is used
+    hsdp_replicas: int = 1  # FSDP2's mesh: (replicas, world / replicas); 1 is plain sharding
 
     @property
     def is_main(self) -> bool:
@@ -44,7 +45,9 @@ def default_device(local_rank: int) -> torch.device:
     return torch.device("cpu")
 
 
-def init_distributed(*, use_deepspeed: bool = False, need_group: bool = False, timeout_s: int = 1800) -> DistState:
+def init_distributed(
+    *, use_deepspeed: bool = False, need_group: bool = False, timeout_s: int = 1800, hsdp_replicas: int = 1
+) -> DistState:
     """Start the process group when the launcher asked for more than one process.
 
     With ``use_deepspeed`` the group is then wrapped by ``deepspeed.init_distributed`` (ZeRO-3
@@ -72,7 +75,8 @@ def init_distributed(*, use_deepspeed: bool = False, need_group: bool = False, t
         deepspeed.init_distributed(dist_backend=backend, timeout=timedelta(seconds=timeout_s))
     if not dist.is_initialized():
         backend = ""
-    return DistState(rank=rank, world_size=world, local_rank=local, device=device, backend=backend)
+    return DistState(rank=rank, world_size=world, local_rank=local, device=device, backend=backend,
+                     hsdp_replicas=hsdp_replicas)
 
 
 def _start_group(backend: str, rank: int, world: int, timeout: timedelta) -> None:

@@ -44,6 +44,14 @@ def apply_fully_shard(
 
 
 def make_mesh(state: DistState) -> DeviceMesh:
+    """1-D: shard over every rank. With ``hsdp_replicas`` R > 1, HSDP: a (R, world / R) mesh whose
+    rows are shard groups (ranks of one node, consecutive) and whose columns replicate; FSDP2's
+    all-gathers then stay inside a row. MeZO needs nothing across replicas but its scalar
+    all-reduce: every replica draws the same z for the same shard and applies the same update."""
+    replicas = state.hsdp_replicas
+    if replicas > 1:
+        return init_device_mesh(state.device.type, (replicas, state.world_size // replicas),
+                                mesh_dim_names=("replicate", "shard"))
     return init_device_mesh(state.device.type, (state.world_size,), mesh_dim_names=("shard",))
 
 
