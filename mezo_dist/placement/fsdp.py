@@ -18,6 +18,7 @@ from torch.distributed.tensor._utils import compute_local_shape_and_global_offse
 
 from mezo_dist.distributed import DistState
 from mezo_dist.placement.base import Piece, Placement, decays
+from mezo_dist.placement.masters import Masters
 
 
 def block_classes(model: nn.Module) -> set[str]:
@@ -103,7 +104,14 @@ class FSDPPlacement(Placement):
                     shard=True,
                 )
             )
+        if self.masters is not None:  # --precision over fp32 values: MeZO edits fp32 masters
+            out = self._attached = self.masters.attach(out)
         return out
+
+    def after_edit(self) -> None:
+        if self.masters is not None and not self.compute_synced:
+            Masters.sync(self._attached)
+        self.compute_synced = False
 
     def full_state_dict(self) -> dict[str, torch.Tensor] | None:
         sd = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
@@ -138,4 +146,7 @@ def build_fsdp(
         full_sd = apply_lora(load_pretrained(name_or_path, dtype=dtype, trust_remote_code=trust_remote_code), lora).state_dict()
     load_full_state_dict(model, full_sd)
     del full_sd
-    return FSDPPlacement(model, state)
+    placement = FSDPPlacement(model, state)
+    if compute_dtype is not None:
+        placement.masters = Masters()
+    return placement
