@@ -35,7 +35,7 @@ def main(argv: list[str] | None = None) -> int:
     from mezo_dist.distributed import init_distributed, teardown
     from mezo_dist.train import train
 
-    state = None
+    state, clean = None, False
     try:
         state = init_distributed(use_deepspeed=cfg.run.backend == "zero3", need_group=cfg.run.backend == "fsdp",
                                  hsdp_replicas=cfg.run.hsdp_replicas)
@@ -46,12 +46,16 @@ def main(argv: list[str] | None = None) -> int:
                   f"model in {cfg.run.output_dir}/final", flush=True)
         elif state.is_main:
             print(f"done: evaluation only; metrics in {cfg.run.output_dir}/eval_results.json", flush=True)
+        clean = True
         return 0
     except ConfigError as e:
+        # Raised on every rank alike (the same input), so the closing barrier is safe.
+        clean = True
         say(str(e))
         return 2
     except TrainingError as e:
+        clean = True
         say(str(e))
         return 1
     finally:
-        teardown()
+        teardown(clean=clean)

@@ -37,6 +37,14 @@ class ModelArguments:
         default="q_proj,v_proj", metadata={"help": "Comma-separated module names to adapt (the paper: query and value)."}
     )
     lora_init_seed: int = field(default=0, metadata={"help": "Seed of the adapters' initial values (replay needs the same)."})
+    prefix_tuning: bool = field(default=False, metadata={"help": "Train a prefix of --num_prefix virtual tokens (peft) instead of all parameters."})
+    num_prefix: int = field(default=5, metadata={"help": "Prefix length in tokens (the paper: 5)."})
+    prefix_init: str = field(
+        default="real",
+        metadata={"help": "real: start from the keys and values of random vocabulary tokens (the paper found it "
+                  "crucial for MeZO); random: peft's initialisation."},
+    )
+    prefix_init_seed: int = field(default=0, metadata={"help": "Seed of the prefix's initial tokens (replay needs the same)."})
 
 
 @dataclass
@@ -255,6 +263,16 @@ def validate(cfg: TrainConfig) -> None:
         obj = zo if name == "warmup_steps" else run
         if getattr(obj, name) < 0:
             raise ConfigError(f"--{name} must be >= 0, got {getattr(obj, name)}")
+    if cfg.model.lora and cfg.model.prefix_tuning:
+        raise ConfigError("--lora and --prefix_tuning are exclusive; pass one")
+    if cfg.model.prefix_tuning and run.backend != "single":
+        # Tried: FSDP2 fails on peft's second name for the input embedding (word_embeddings), and
+        # ZeRO-3's forward deadlocks in the prefix encoder's gather. Not supported until solved.
+        raise ConfigError(f"--prefix_tuning runs on the single backend; {run.backend} does not support it yet")
+    if cfg.model.prefix_tuning and cfg.model.num_prefix < 1:
+        raise ConfigError(f"--num_prefix must be >= 1, got {cfg.model.num_prefix}")
+    if cfg.model.prefix_init not in ("real", "random"):
+        raise ConfigError(f"unknown --prefix_init {cfg.model.prefix_init!r}; choose one of real, random")
     validate_hsdp(run)
     if cfg.model.lora and cfg.model.lora_r < 1:
         raise ConfigError(f"--lora_r must be >= 1, got {cfg.model.lora_r}")

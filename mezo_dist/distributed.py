@@ -97,11 +97,17 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def teardown() -> None:
-    """Barrier then destroy: without it gloo sometimes aborts at interpreter exit."""
+def teardown(*, clean: bool = True) -> None:
+    """Barrier then destroy: without it gloo sometimes aborts at interpreter exit.
+
+    After an unexpected error (``clean=False``) there is no barrier: the other ranks may be
+    waiting in a collective this rank will never join, and would wait with it until the timeout.
+    Exiting lets the launcher see the failure and stop them.
+    """
     if dist.is_available() and dist.is_initialized():
-        with contextlib.suppress(Exception):
-            dist.barrier()
+        if clean:
+            with contextlib.suppress(Exception):
+                dist.barrier()
         dist.destroy_process_group()
 
 

@@ -67,20 +67,65 @@ def empty_model(name_or_path: str, *, dtype: torch.dtype, trust_remote_code: boo
     return model
 
 
-def apply_lora(model: nn.Module, args) -> nn.Module:
-    """Wrap ``model`` with LoRA adapters (peft) when ``args.lora``; base weights are frozen.
+def apply_peft(model: nn.Module, args) -> nn.Module:
+    """Wrap ``model`` with LoRA adapters (``args.lora``) or a trainable prefix
+    (``args.prefix_tuning``) through peft; the base weights are frozen.
 
-    The adapters' initial values come from ``args.lora_init_seed`` in a forked RNG, so every
-    rank, and a later replay, starts from the same adapters.
+    Initial values come from a forked RNG seeded by ``args.lora_init_seed`` or
+    ``args.prefix_init_seed``, so every rank, and a later replay, starts from the same ones. A
+    prefix is then set from real activations (see :func:`init_prefix_from_activations`).
     """
-    if not getattr(args, "lora", False):
-        return model
-    from peft import LoraConfig, get_peft_model
+    if getattr(args, "lora", False):
+        from peft import LoraConfig, get_peft_model
 
-    config = LoraConfig(
-        r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=0.0, bias="none",
-        target_modules=[m.strip() for m in args.lora_target_modules.split(",") if m.strip()],
-    )
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(args.lora_init_seed)
-        return get_peft_model(model, config)
+        config = LoraConfig(
+            r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=0.0, bias="none",
+            target_modules=[m.strip() for m in args.lora_target_modules.split(",") if m.strip()],
+        )
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(args.lora_init_seed)
+            return get_peft_model(model, config)
+    if getattr(args, "prefix_tuning", False):
+        from peft import PrefixTuningConfig, get_peft_model
+
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(args.prefix_init_seed)
+            model = get_peft_model(model, PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=args.num_prefix))
+        if args.prefix_init == "real":
+            init_prefix_from_activations(model, args.prefix_init_seed)
+        return model
+    return model
+
+
+apply_lora = apply_peft  # the name the placements used before prefix tuning
+
+
+def prefix_embedding(model: nn.Module) -> nn.Parameter:
+    """The trainable prefix of a peft prefix-tuning model: one row per virtual token, holding the
+    key and value of every layer (layer-major, key before value)."""
+    return model.prompt_encoder[model.active_adapter].embedding.weight
+
+
+@torch.no_grad()
+def prefix_activations(model: nn.Module, seed: int) -> torch.Tensor:
+    """Keys and values of the base model on ``num_prefix`` random vocabulary tokens, laid out as
+    peft's prefix rows. Collective under a sharded engine (it is a forward)."""
+    base = model.get_base_model()
+    n = model.peft_config[model.active_adapter].num_virtual_tokens
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, base.config.vocab_size, (1, n), generator=gen)
+    device = next((p.device for p in base.parameters() if p.device.type != "meta"), torch.device("cpu"))
+    cache = base(input_ids=ids.to(device), use_cache=True).past_key_values
+    kv = [t[0] for layer in cache.layers for t in (layer.keys, layer.values)]  # each (heads, n, head_dim)
+    return torch.stack(kv).permute(2, 0, 1, 3).reshape(n, -1)
+
+
+def init_prefix_from_activations(model: nn.Module, seed: int) -> None:
+    """Start the prefix from real activations: the MeZO paper found this crucial for prefix tuning
+    with MeZO (a random prefix trains poorly)."""
+    weight = prefix_embedding(model)
+    values = prefix_activations(model, seed)
+    if values.shape != weight.shape:
+        raise ValueError(f"prefix activations of shape {tuple(values.shape)} do not fit peft's prefix {tuple(weight.shape)}")
+    with torch.no_grad():
+        weight.copy_(values.to(weight.dtype))

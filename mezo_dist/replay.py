@@ -110,6 +110,7 @@ def main(argv: list[str] | None = None) -> int:
     from mezo_dist.models import load_tokenizer
     from mezo_dist.train import build_placement
 
+    clean = False
     try:
         state = init_distributed(use_deepspeed=backend == "zero3", need_group=backend == "fsdp")
         quiet_other_ranks(state)
@@ -127,10 +128,12 @@ def main(argv: list[str] | None = None) -> int:
         save_pretrained(placement, tokenizer, args.output_dir)
         if state.is_main:
             print(f"replayed {len(rows)} steps on {backend} x{state.world_size}; model in {args.output_dir}", flush=True)
+        clean = True
         return 0
     except ConfigError as e:
+        clean = True
         say(str(e))
         return 2
     finally:
-        teardown()
+        teardown(clean=clean)
         sys.stdout.flush()
