@@ -83,7 +83,7 @@ class BalancedForward:
         x = torch.full((1, 1), self.token_id, dtype=torch.long, device=self.placement.state.device)
         with torch.no_grad():
             while self._anyone_wants(False):
-                self.placement.forward(input_ids=x, attention_mask=torch.ones_like(x))
+                self.placement.forward(input_ids=x, attention_mask=torch.ones_like(x), use_cache=False)
                 self.dummies += 1
         return self.dummies
 

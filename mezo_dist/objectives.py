@@ -56,7 +56,9 @@ def summed(micro: list[MicroBatch]) -> Closure:
 
 def causal_lm_loss(placement: Placement, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """(sum of next-token losses, number of target tokens) on this rank's micro-batch."""
-    logits = placement.forward(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    # use_cache=False: a training forward has no use for every layer's keys and values, and
+    # keeping them until the end of the forward costs memory that inference would not hold.
+    logits = placement.forward(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
     targets = batch["labels"][:, 1:]
     per_token = F.cross_entropy(
         logits[:, :-1].flatten(0, 1).float(), targets.flatten(), ignore_index=-100, reduction="none"

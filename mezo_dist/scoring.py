@@ -97,7 +97,8 @@ def _encode_pairs(tokenizer, pairs: Sequence[tuple[str, str]], max_length: int |
 
 
 def _logits(forward: Forward, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    out = forward(input_ids=input_ids, attention_mask=attention_mask)
+    # No key/value cache: every call scores whole sequences (greedy decoding re-reads the prefix).
+    out = forward(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
     return out.logits if hasattr(out, "logits") else out[0]
 
 
