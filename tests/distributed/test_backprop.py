@@ -75,3 +75,12 @@ def test_backprop_matches_one_process(case, one_process, tiny_models, text_file,
 def test_backprop_loss_goes_down(one_process):
     trace = losses(one_process)
     assert len(trace) == STEPS and trace[-1] < trace[0] - 0.05, trace
+
+
+def test_activation_checkpointing_changes_memory_not_results(one_process, tiny_models, text_file, tmp_path):
+    out = tmp_path / "ckpt"
+    launch("python", "launch/train.py", ["--model_name_or_path", str(tiny_models["llama"]), "--train_file", str(text_file),
+                                         "--output_dir", str(out), "--per_device_train_batch_size", "4",
+                                         "--gradient_checkpointing", *ARGS])
+    ref, got = weights(one_process / "final"), weights(out / "final")
+    assert max((ref[k] - got[k]).abs().max().item() for k in ref) <= 1e-6
