@@ -265,10 +265,6 @@ def validate(cfg: TrainConfig) -> None:
             raise ConfigError(f"--{name} must be >= 0, got {getattr(obj, name)}")
     if cfg.model.lora and cfg.model.prefix_tuning:
         raise ConfigError("--lora and --prefix_tuning are exclusive; pass one")
-    if cfg.model.prefix_tuning and run.backend != "single":
-        # Tried: FSDP2 fails on peft's second name for the input embedding (word_embeddings), and
-        # ZeRO-3's forward deadlocks in the prefix encoder's gather. Not supported until solved.
-        raise ConfigError(f"--prefix_tuning runs on the single backend; {run.backend} does not support it yet")
     if cfg.model.prefix_tuning and cfg.model.num_prefix < 1:
         raise ConfigError(f"--num_prefix must be >= 1, got {cfg.model.num_prefix}")
     if cfg.model.prefix_init not in ("real", "random"):

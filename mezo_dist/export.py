@@ -22,7 +22,8 @@ def save_pretrained(placement: Placement, tokenizer, path: str | Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
-    placement.module.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
+    if not _save_prompt_learning(placement.module, state_dict, tmp):
+        placement.module.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
     if tokenizer is not None:
         tokenizer.save_pretrained(tmp)
     old = path.with_name(f".{path.name}.old-{os.getpid()}")
@@ -30,3 +31,24 @@ def save_pretrained(placement: Placement, tokenizer, path: str | Path) -> None:
         os.replace(path, old)
     os.replace(tmp, path)
     shutil.rmtree(old, ignore_errors=True)
+
+
+def _save_prompt_learning(module, state_dict: dict, folder: Path) -> bool:
+    """A prefix in peft's format, from the gathered state dict.
+
+    peft's own ``save_pretrained`` reads a prompt-learning model's live prefix (and runs its
+    encoder), which under FSDP2 or ZeRO-3 is a shard, not the whole prefix."""
+    import copy
+
+    config = getattr(module, "peft_config", {}).get(getattr(module, "active_adapter", None))
+    if config is None or not config.is_prompt_learning:
+        return False
+    from safetensors.torch import save_file
+
+    key = f"prompt_encoder.{module.active_adapter}.embedding.weight"
+    folder.mkdir(parents=True)
+    save_file({"prompt_embeddings": state_dict[key].contiguous()}, str(folder / "adapter_model.safetensors"))
+    saved = copy.copy(config)
+    saved.inference_mode = True
+    saved.save_pretrained(str(folder))
+    return True

@@ -73,7 +73,8 @@ def apply_peft(model: nn.Module, args) -> nn.Module:
 
     Initial values come from a forked RNG seeded by ``args.lora_init_seed`` or
     ``args.prefix_init_seed``, so every rank, and a later replay, starts from the same ones. A
-    prefix is then set from real activations (see :func:`init_prefix_from_activations`).
+    prefix is then set from real activations (see :func:`init_prefix_from_activations`); under
+    ZeRO-3 the placement does that through its engine.
     """
     if getattr(args, "lora", False):
         from peft import LoraConfig, get_peft_model
@@ -91,7 +92,17 @@ def apply_peft(model: nn.Module, args) -> nn.Module:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(args.prefix_init_seed)
             model = get_peft_model(model, PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=args.num_prefix))
-        if args.prefix_init == "real":
+        # peft also registers the input embedding at the root as ``word_embeddings``, a second name
+        # for a module the base model holds. Prefix tuning never calls it, and sharding engines
+        # trip over a module with two names (FSDP2 loads and gathers it under one of them only,
+        # DeepSpeed hooks it twice). Keep the attribute, drop the registration.
+        alias = model._modules.pop("word_embeddings", None)
+        if alias is not None:
+            object.__setattr__(model, "word_embeddings", alias)
+        # Weights on meta (FSDP2's skeleton: rank 0's loaded copy gets the prefix) or partitioned
+        # by ZeRO-3 (the engine sets the prefix once built) cannot run a forward here.
+        at_hand = not any(p.is_meta or hasattr(p, "ds_id") for p in model.parameters())
+        if args.prefix_init == "real" and at_hand:
             init_prefix_from_activations(model, args.prefix_init_seed)
         return model
     return model
@@ -111,6 +122,8 @@ def prefix_activations(model: nn.Module, seed: int) -> torch.Tensor:
     """Keys and values of the base model on ``num_prefix`` random vocabulary tokens, laid out as
     peft's prefix rows. Collective under a sharded engine (it is a forward)."""
     base = model.get_base_model()
+    if any(p.is_meta for p in base.parameters()):
+        raise ValueError("the prefix cannot start from activations of a model on the meta device")
     n = model.peft_config[model.active_adapter].num_virtual_tokens
     gen = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, base.config.vocab_size, (1, n), generator=gen)

@@ -217,6 +217,24 @@ def build_zero3(
 
         groups = param_groups(model, float(cfg["optimizer"]["params"].get("weight_decay", 0.0)))
         engine, *_ = deepspeed.initialize(model=model, model_parameters=groups, config=cfg)
+    if getattr(lora, "prefix_tuning", False) and lora.prefix_init == "real":
+        _init_prefix(engine.module, lora.prefix_init_seed)
     placement = Zero3Placement(engine, state, with_optimizer=optimizer is not None)
     placement._hf_ds_config = hf_ds
     return placement
+
+
+@torch.no_grad()
+def _init_prefix(model: nn.Module, seed: int) -> None:
+    """Set the prefix from real activations once partitioned: the forward runs through the
+    engine's hooks on every rank (layers gathered one at a time, never the whole model)."""
+    import deepspeed
+
+    from mezo_dist.models import prefix_activations, prefix_embedding
+
+    values = prefix_activations(model, seed)
+    weight = prefix_embedding(model)
+    with deepspeed.zero.GatheredParameters([weight], modifier_rank=0):
+        if values.shape != weight.shape:
+            raise ValueError(f"prefix activations of shape {tuple(values.shape)} do not fit peft's prefix {tuple(weight.shape)}")
+        weight.copy_(values.to(weight.dtype))

@@ -61,7 +61,7 @@ CASES = [
     ("backprop non_diff", ["--trainer", "regular", "--task_name", "SST2", "--non_diff"], r"--non_diff needs --trainer zo"),
     ("lora rank zero", ["--lora", "--lora_r", "0"], r"--lora_r must be >= 1"),
     ("lora and prefix", ["--lora", "--prefix_tuning"], r"--lora and --prefix_tuning are exclusive"),
-    ("prefix on fsdp", ["--prefix_tuning", "--backend", "fsdp"], r"--prefix_tuning runs on the single backend"),
+    ("prefix length zero", ["--prefix_tuning", "--num_prefix", "0"], r"--num_prefix must be >= 1"),
     ("unknown perturbation", ["--zo_perturbation", "uniform"], r"unknown --zo_perturbation 'uniform'"),
     ("unknown precision", ["--precision", "fp8"], r"unknown --precision 'fp8'"),
     ("precision contradicts dtype", ["--torch_dtype", "bfloat16", "--precision", "fp16"],
