@@ -309,9 +309,11 @@ def validate_precision(cfg: TrainConfig) -> None:
         raise ConfigError(f"--precision {zo.precision} contradicts --torch_dtype {dtype}: low-precision parameters "
                           "compute in their own dtype; use --torch_dtype float32 for fp32 values with "
                           f"{zo.precision} compute")
-    if mixed_precision(cfg) and cfg.bp.trainer == "regular":
-        raise ConfigError(f"--precision {zo.precision} with --torch_dtype float32 is MeZO's mixed precision; "
-                          "--trainer regular takes --torch_dtype only")
+    # The baseline's mixed precision: autocast (single), FSDP2's policy, DeepSpeed's bf16/fp16
+    # engine. fp16 gradients need loss scaling, which only DeepSpeed's engine does here.
+    if mixed_precision(cfg) and cfg.bp.trainer == "regular" and zo.precision == "fp16" and cfg.run.backend != "zero3":
+        raise ConfigError("--trainer regular with --precision fp16 needs loss scaling, which only the zero3 "
+                          "backend's engine does; use --precision bf16")
 
 
 def mixed_precision(cfg: TrainConfig) -> bool:

@@ -58,7 +58,9 @@ def build_placement(
         micro_batch=micro_batch, dtype=compute_dtype or dtype, trust_remote_code=m.trust_remote_code, lora=m,
         accumulation=accumulation, optimizer=optimizer, gradient_checkpointing=checkpointing,
     )
-    if compute_dtype is not None:
+    if compute_dtype is not None and backprop is None:
+        # MeZO's fp32 masters; the baseline trains bf16/fp16 through DeepSpeed's own mixed
+        # precision (fp32 master weights inside its optimizer).
         from mezo_dist.placement.zero3_mixed import Zero3MixedPlacement
 
         mixed = Zero3MixedPlacement(placement.model, state)

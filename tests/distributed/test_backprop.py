@@ -84,3 +84,21 @@ def test_activation_checkpointing_changes_memory_not_results(one_process, tiny_m
                                          "--gradient_checkpointing", *ARGS])
     ref, got = weights(one_process / "final"), weights(out / "final")
     assert max((ref[k] - got[k]).abs().max().item() for k in ref) <= 1e-6
+
+
+def test_bf16_mixed_precision_on_every_backend_tracks_one_process(tiny_models, text_file, tmp_path):
+    """--precision bf16 with fp32 parameters: autocast (single), FSDP2's MixedPrecisionPolicy,
+    DeepSpeed's bf16 engine. bf16 forwards round differently per layout, so compare the losses
+    loosely, and check that they fall."""
+    common = ["--model_name_or_path", str(tiny_models["llama"]), "--train_file", str(text_file), *ARGS,
+              "--precision", "bf16"]
+    traces = {}
+    for name, launcher, flags, micro in (("one", "python", [], 4), ("fsdp", "torchrun", ["--backend", "fsdp"], 2),
+                                         ("zero3", "deepspeed", ["--ds_config", zero3_adamw(tmp_path)], 2)):
+        out = tmp_path / name
+        launch(launcher, "launch/train.py", [*common, *flags, "--per_device_train_batch_size", str(micro),
+                                             "--output_dir", str(out)])
+        traces[name] = losses(out)
+    assert traces["one"][-1] < traces["one"][0] - 0.05
+    for name in ("fsdp", "zero3"):
+        assert traces[name] == pytest.approx(traces["one"], rel=2e-3), name
