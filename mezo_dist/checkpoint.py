@@ -57,9 +57,12 @@ def _barrier() -> None:
         dist.barrier()
 
 
-def _owned(piece: Piece, rank: int) -> bool:
-    # A replica is identical on every rank: rank 0 writes it once.
-    return piece.shard or rank == 0
+def _owned(piece: Piece, state) -> bool:
+    """Whether this rank writes ``piece``: a replica once (rank 0); a shard once per element, so
+    under hybrid sharding only the first replica group (ranks 0 .. world / replicas - 1)."""
+    if not piece.shard:
+        return state.rank == 0
+    return state.rank < state.world_size // max(1, getattr(state, "hsdp_replicas", 1))
 
 
 def save_checkpoint(placement: Placement, path: str | Path, trainer_state: dict[str, Any]) -> Path:
@@ -78,7 +81,7 @@ def save_checkpoint(placement: Placement, path: str | Path, trainer_state: dict[
     file = f"rank-{state.rank:05d}.safetensors"
     tensors, chunks = {}, []
     for p in pieces:
-        if _owned(p, state.rank) and p.local.numel() > 0:
+        if _owned(p, state) and p.local.numel() > 0:
             key = f"{p.name}|{p.offset}"
             tensors[key] = p.local.detach().to("cpu").clone()
             chunks.append([p.name, file, key, p.offset, p.local.numel()])

@@ -76,3 +76,18 @@ def test_bad_hsdp_flags_get_one_line(flags, world, pattern, tiny_models, text_fi
     assert main(argv) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and re.search(pattern, err[0]), err
+
+
+def test_hsdp_checkpoint_resumes_on_one_process(tiny_models, text_file, tmp_path):
+    """Both replica groups hold the same shards; the first one writes them, and the checkpoint
+    resumes on one process to the same parameters as the uninterrupted 2 x 2 run."""
+    model = tiny_models["opt"]
+    out = tmp_path / "hsdp"
+    base = ["--model_name_or_path", str(model), "--train_file", str(text_file), *COMMON]
+    torchrun4("launch/train.py", [*base, "--output_dir", str(out), "--per_device_train_batch_size", "1",
+                                  "--backend", "fsdp", "--hsdp_replicas", "2", "--save_steps", str(STEPS // 2)])
+    resumed = tmp_path / "resumed"
+    run_cmd([sys.executable, "launch/train.py", *base, "--output_dir", str(resumed), "--per_device_train_batch_size", "4",
+             "--resume_from_checkpoint", str(out / f"checkpoint-{STEPS // 2}")])
+    w_hsdp, w_resumed = weights(out / "final"), weights(resumed / "final")
+    assert max((w_hsdp[k] - w_resumed[k]).abs().max().item() for k in w_hsdp) <= 1e-5
