@@ -258,7 +258,9 @@ def ratios_memory(d: dict) -> list[str]:
             continue
         keys = [k for k, v in r.items() if isinstance(v, (int, float)) and ("ratio" in k or "_vs_" in k)]
         if keys:
-            who = ", ".join(str(r[k]) for k in ("method", "backend", "world_size", "world") if k in r)
+            who = " ".join(str(r[k]) for k in ("name", "backend") if k in r)
+            world = r.get("world_size", r.get("world"))
+            who += f" x{world}" if world is not None else ""
             out.append(f"{who}: " + ", ".join(f"{k} {r[k]:.2f}" for k in keys))
     return out[:12]
 
@@ -283,6 +285,13 @@ def ratios_scaling(d: dict) -> list[str]:
     return out
 
 
+def human_bytes(b: float) -> str:
+    for unit, scale in (("MiB", 2**20), ("KiB", 2**10)):
+        if b >= scale:
+            return f"{b / scale:.1f} {unit}"
+    return f"{b:.0f} B"
+
+
 def ratios_comm_volume(d: dict) -> list[str]:
     out = []
     for r in d["rows"]:
@@ -290,10 +299,11 @@ def ratios_comm_volume(d: dict) -> list[str]:
         where = (f"fsdp HSDP {r['hsdp_replicas']}x{r['world_size'] // r['hsdp_replicas']}" if r["hsdp_replicas"] > 1
                  else f"{r['backend']} x{r['world_size']}")
         line = (f"{r['method']} on {where}: {ps['all_gather']['bytes'] / 2**20:.1f} MiB all-gathered "
-                f"({r['all_gather_over_model']:.2f}x the model), {ps['reduce_scatter']['bytes'] / 2**20:.1f} MiB "
-                f"reduce-scattered, {ps['all_reduce']['bytes']:.0f} B all-reduced per step")
+                f"({r['all_gather_over_model']:.2f}x the model), {human_bytes(ps['reduce_scatter']['bytes'])} "
+                f"reduce-scattered, {human_bytes(ps['all_reduce']['bytes'])} all-reduced per step")
         if "cross_replica_bytes" in r:
-            line += f"; {r['cross_replica_bytes']:.0f} B across replica groups"
+            line += f"; {human_bytes(r['cross_replica_bytes'])} across replica groups" + (
+                "" if r.get("cross_replica_complete", True) else " (at least)")
         if "backprop_over_mezo" in r:
             line += f"; backprop moves {r['backprop_over_mezo']:.2f}x MeZO's bytes"
         out.append(line)

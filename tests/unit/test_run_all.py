@@ -113,7 +113,7 @@ def test_readme_from_fixture_results(tmp_path):
     assert "fsdp x2 2.00x" in sc and "oversubscribed" in sc
     cv = sections[run_all.TITLES["comm_volume"]]
     assert "from an earlier run" in cv
-    assert "mezo on fsdp x2: 200.0 MiB all-gathered (2.00x the model), 0.0 MiB reduce-scattered, 24 B all-reduced" in cv
+    assert "mezo on fsdp x2: 200.0 MiB all-gathered (2.00x the model), 0 B reduce-scattered, 24 B all-reduced" in cv
     assert "backprop moves 1.50x MeZO's bytes" in cv
     assert "24 B across replica groups" in cv and "| mezo | fsdp HSDP 2x2 | 24 B | 1 | all_reduce x1 |" in cv
     st = sections[run_all.TITLES["step_cost"]]
