@@ -62,10 +62,19 @@ class Zero3Placement(Placement):
     def module(self) -> nn.Module:
         return self.model.module
 
+    def _settle(self) -> None:
+        """A training engine prefetches for a backward that an evaluation forward never runs;
+        wait for those gathers and release them (DeepSpeed's own call) before touching
+        partitions."""
+        status = _status()
+        if any(p.ds_status == status.INFLIGHT for p in self.module.parameters()):
+            self.model.empty_partition_cache()
+
     def pieces(self) -> list[Piece]:
         status = _status()
         out: list[Piece] = []
         self._mirrors = []
+        self._settle()
         for name, p in self.module.named_parameters():
             if not p.requires_grad:
                 continue
@@ -102,6 +111,7 @@ class Zero3Placement(Placement):
     def full_state_dict(self) -> dict[str, torch.Tensor] | None:
         import deepspeed
 
+        self._settle()
         module = self.module
         sd: dict[str, torch.Tensor] = {}
         # A tied parameter appears once, under its first name, as in the other placements.

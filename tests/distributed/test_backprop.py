@@ -102,3 +102,21 @@ def test_bf16_mixed_precision_on_every_backend_tracks_one_process(tiny_models, t
     assert traces["one"][-1] < traces["one"][0] - 0.05
     for name in ("fsdp", "zero3"):
         assert traces[name] == pytest.approx(traces["one"], rel=2e-3), name
+
+
+def test_backprop_on_a_task_with_dev_selection_under_zero3(tiny_models, real_data, tmp_path):
+    """The baseline's evaluation forwards leave DeepSpeed's backward prefetch in flight; the
+    best-dev checkpoint and the export must still see settled partitions, and match one process."""
+    # Llama: no dropout, so train-mode forwards agree across layouts (OPT would draw dropout masks).
+    common = ["--model_name_or_path", str(tiny_models["llama"]), "--task_name", "SST2", "--data_dir", str(real_data),
+              "--num_train", "16", "--num_dev", "8", "--num_eval", "8", "--eval_steps", "2", "--max_steps", "4",
+              "--trainer", "regular", "--learning_rate", "1e-3", "--train_as_classification", "--disable_tqdm",
+              "--report_to", "none"]
+    launch("python", "launch/train.py", [*common, "--per_device_train_batch_size", "4", "--output_dir", str(tmp_path / "one")])
+    launch("deepspeed", "launch/train.py", [*common, "--ds_config", zero3_adamw(tmp_path), "--per_device_train_batch_size",
+                                            "2", "--output_dir", str(tmp_path / "z3")])
+    one = json.loads((tmp_path / "one" / "eval_results.json").read_text())
+    z3 = json.loads((tmp_path / "z3" / "eval_results.json").read_text())
+    assert z3["best_step"] == one["best_step"] and z3["eval_accuracy"] == one["eval_accuracy"]
+    ref, got = weights(tmp_path / "one" / "final"), weights(tmp_path / "z3" / "final")
+    assert max((ref[k] - got[k]).abs().max().item() for k in ref) <= 1e-5
