@@ -119,7 +119,7 @@ def worker(args: argparse.Namespace) -> None:
         local = sum(p.local.numel() for p in placement.pieces())
         row = {
             "backend": args.backend, "world_size": state.world_size, "device": state.device.type,
-            "model": args.model_name_or_path, "dtype": args.dtype, "global_batch": args.batch, "seq_len": args.seq,
+            "model": Path(args.model_name_or_path).name, "dtype": args.dtype, "global_batch": args.batch, "seq_len": args.seq,
             "local_elements": local, "forward_s": fwd, "step_s": step, "step_over_two_forwards": step / (2 * fwd),
             "perturb_pass_s": perturb, "peak_inference_bytes": peak_inf, "peak_step_bytes": peak_step,
             "memory_ratio": peak_step / peak_inf,
