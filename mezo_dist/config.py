@@ -289,6 +289,7 @@ def validate(cfg: TrainConfig) -> None:
     if cfg.data.train_file is not None:
         read_jsonl(cfg.data.train_file)
     check_model_path(cfg.model.model_name_or_path)
+    check_masked_lm(cfg)
     check_output_dir(cfg)
 
 
@@ -358,6 +359,26 @@ def validate_hsdp(run: RunArguments) -> None:
     world = env_world()[1]
     if world % run.hsdp_replicas:
         raise ConfigError(f"--hsdp_replicas {run.hsdp_replicas} does not divide the world size {world}")
+
+
+def check_masked_lm(cfg: TrainConfig) -> None:
+    """A masked LM scores candidates at mask tokens: it has no causal-LM text loss and cannot
+    generate. Checked when the model's config can be read now (a local folder, a cached id)."""
+    from mezo_dist.models import is_masked_lm, load_config
+
+    try:
+        masked = is_masked_lm(load_config(cfg.model.model_name_or_path, trust_remote_code=cfg.model.trust_remote_code))
+    except (OSError, ValueError):
+        return  # unreadable here; loading reports it with its own message
+    if not masked:
+        return
+    if cfg.data.train_file is not None:
+        raise ConfigError("--train_file trains a causal LM on text; a masked LM trains on a --task_name")
+    from mezo_dist.tasks import get_task
+
+    if cfg.task.task_name is not None and get_task(cfg.task.task_name).kind == "generation":
+        raise ConfigError(f"task {cfg.task.task_name} generates answers, which needs a causal LM; "
+                          f"{cfg.model.model_name_or_path} is a masked LM")
 
 
 def resume_fields(cfg: TrainConfig) -> dict[str, Any]:

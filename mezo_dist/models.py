@@ -1,4 +1,5 @@
-"""Loading models and tokenizers: a hub name or a local folder, any ``AutoModelForCausalLM``."""
+"""Loading models and tokenizers: a hub name or a local folder, any ``AutoModelForCausalLM`` or
+``AutoModelForMaskedLM``."""
 
 from __future__ import annotations
 
@@ -31,10 +32,24 @@ def load_config(name_or_path: str, *, trust_remote_code: bool = False):
     return AutoConfig.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
 
 
+def is_masked_lm(config) -> bool:
+    """Whether the checkpoint is a masked LM (RoBERTa-style), scored at mask tokens."""
+    return any(a.endswith("ForMaskedLM") for a in (getattr(config, "architectures", None) or []))
+
+
+def auto_class(config):
+    """``AutoModelForMaskedLM`` for masked LMs, else ``AutoModelForCausalLM``."""
+    from transformers import AutoModelForCausalLM, AutoModelForMaskedLM
+
+    return AutoModelForMaskedLM if is_masked_lm(config) else AutoModelForCausalLM
+
+
 def load_tokenizer(name_or_path: str, *, trust_remote_code: bool = False):
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+    # Read by mezo_dist.scoring: a masked LM scores candidates at mask tokens, not left to right.
+    tok.mezo_masked_lm = is_masked_lm(load_config(name_or_path, trust_remote_code=trust_remote_code))
     if tok.pad_token is None:
         # Causal LMs often ship without a pad token; padded positions are masked out anyway.
         tok.pad_token = tok.eos_token
@@ -44,9 +59,8 @@ def load_tokenizer(name_or_path: str, *, trust_remote_code: bool = False):
 
 def load_pretrained(name_or_path: str, *, dtype: torch.dtype, trust_remote_code: bool = False) -> nn.Module:
     """The whole model on CPU (or under ``zero.Init`` when a ZeRO-3 config is active)."""
-    from transformers import AutoModelForCausalLM
-
-    return AutoModelForCausalLM.from_pretrained(name_or_path, dtype=dtype, trust_remote_code=trust_remote_code)
+    cls = auto_class(load_config(name_or_path, trust_remote_code=trust_remote_code))
+    return cls.from_pretrained(name_or_path, dtype=dtype, trust_remote_code=trust_remote_code)
 
 
 def empty_model(name_or_path: str, *, dtype: torch.dtype, trust_remote_code: bool = False) -> nn.Module:
@@ -56,11 +70,10 @@ def empty_model(name_or_path: str, *, dtype: torch.dtype, trust_remote_code: boo
     must not be left on meta.
     """
     from accelerate import init_empty_weights
-    from transformers import AutoModelForCausalLM
 
     config = load_config(name_or_path, trust_remote_code=trust_remote_code)
     with init_empty_weights(include_buffers=False):
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
+        model = auto_class(config).from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
     # from_config leaves tied embeddings as two parameters; one parameter must carry both names
     # or the two copies would be perturbed apart.
     model.tie_weights()

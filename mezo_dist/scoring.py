@@ -14,6 +14,9 @@ Conventions:
 * Sequences are right-padded, so padding never shifts a real token's position.
 * Log-probabilities are computed in float32 whatever the model's dtype.
 * Long prompts are cut from the left (keeping a leading BOS token) when ``max_length`` is set.
+* Masked LMs (RoBERTa-style, the paper's second family): the candidate's tokens are replaced by
+  mask tokens, ``[CLS] context [MASK] ... [SEP]``, and each is scored by the model's prediction at
+  its own position; the paper's verbalizers are single words, one mask each.
 """
 
 from __future__ import annotations
@@ -41,6 +44,11 @@ def _pad_id(tokenizer) -> int:
     return 0  # any id works: padded positions are masked and never scored
 
 
+def is_masked_lm(tokenizer) -> bool:
+    """Set by :func:`mezo_dist.models.load_tokenizer` when the model is a masked LM."""
+    return bool(getattr(tokenizer, "mezo_masked_lm", False))
+
+
 def _left_truncate(ids: list[int], max_length: int, bos_id: int | None) -> tuple[list[int], int]:
     """Drop tokens after a leading BOS until ``len(ids) <= max_length``; returns (ids, dropped)."""
     cut = len(ids) - max_length
@@ -58,7 +66,8 @@ def encoded_width(tokenizer, samples: Sequence[Sample], *, as_classification: bo
         pairs = [(s.context, c) for s in samples for c in s.candidates]
     else:
         pairs = [(s.context, s.target) for s in samples]
-    return max((len(ids) for ids, _ in _encode_pairs(tokenizer, pairs, max_length)), default=0)
+    extra = 1 if is_masked_lm(tokenizer) else 0  # the closing [SEP]
+    return max((len(ids) + extra for ids, _ in _encode_pairs(tokenizer, pairs, max_length)), default=0)
 
 
 def target_token_count(tokenizer, samples: Sequence[Sample], *, max_length: int | None = None) -> int:
@@ -69,9 +78,15 @@ def target_token_count(tokenizer, samples: Sequence[Sample], *, max_length: int 
 
 
 def _encode_pairs(tokenizer, pairs: Sequence[tuple[str, str]], max_length: int | None) -> list[tuple[list[int], int]]:
-    """Token ids of ``context + continuation`` and the index where the continuation's tokens start."""
+    """Token ids of ``context + continuation`` and the index where the continuation's tokens start.
+
+    For a masked LM the ids are ``[CLS] context continuation`` (no special tokens from the
+    tokenizer); the scorer masks the continuation and closes the sequence with ``[SEP]``.
+    """
     if not pairs:
         return []
+    if is_masked_lm(tokenizer):
+        return _encode_masked(tokenizer, pairs, max_length)
     contexts = tokenizer([c for c, _ in pairs], add_special_tokens=True)["input_ids"]
     fulls = tokenizer([c + x for c, x in pairs], add_special_tokens=True)["input_ids"]
     bos = tokenizer.bos_token_id
@@ -96,6 +111,30 @@ def _encode_pairs(tokenizer, pairs: Sequence[tuple[str, str]], max_length: int |
     return out
 
 
+def _encode_masked(tokenizer, pairs: Sequence[tuple[str, str]], max_length: int | None) -> list[tuple[list[int], int]]:
+    cls, sep, mask = tokenizer.cls_token_id, tokenizer.sep_token_id, tokenizer.mask_token_id
+    if cls is None or sep is None or mask is None:
+        raise ConfigError("a masked LM's tokenizer needs cls, sep and mask tokens")
+    contexts = tokenizer([c for c, _ in pairs], add_special_tokens=False)["input_ids"]
+    fulls = tokenizer([c + x for c, x in pairs], add_special_tokens=False)["input_ids"]
+    out = []
+    for (_, cont), ctx, full in zip(pairs, contexts, fulls):
+        ctx, full = list(ctx), list(full)
+        start = 0
+        while start < min(len(ctx), len(full)) and ctx[start] == full[start]:
+            start += 1
+        if start >= len(full):
+            raise ConfigError(f"continuation {cont!r} adds no tokens to its context")
+        ids, start = [cls] + full, start + 1
+        if max_length is not None:
+            if len(ids) - start > max_length - 2:
+                raise ConfigError(f"continuation of {len(ids) - start} tokens does not fit max_length={max_length}")
+            ids, cut = _left_truncate(ids, max_length - 1, cls)  # room for the closing [SEP]
+            start -= cut
+        out.append((ids, start))
+    return out
+
+
 def _logits(forward: Forward, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
     # No key/value cache: every call scores whole sequences (greedy decoding re-reads the prefix).
     out = forward(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
@@ -116,22 +155,26 @@ def _token_logprob_sums(forward: Forward, tokenizer, seqs: list[tuple[list[int],
     if bs < 1:
         raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
     pad = _pad_id(tokenizer)
+    masked = is_masked_lm(tokenizer)
     sums: list[torch.Tensor] = []
     counts: list[int] = []
     for b in range(0, len(seqs), bs):
         chunk = seqs[b:b + bs]
-        width = max(max(len(ids) for ids, _ in chunk), pad_to or 0)
+        rows = [ids[:start] + [tokenizer.mask_token_id] * (len(ids) - start) + [tokenizer.sep_token_id]
+                if masked else ids for ids, start in chunk]
+        width = max(max(len(r) for r in rows), pad_to or 0)
         input_ids = torch.full((len(chunk), width), pad, dtype=torch.long)
         mask = torch.zeros((len(chunk), width), dtype=torch.long)
-        for i, (ids, _) in enumerate(chunk):
-            input_ids[i, :len(ids)] = torch.tensor(ids, dtype=torch.long)
-            mask[i, :len(ids)] = 1
+        for i, row in enumerate(rows):
+            input_ids[i, :len(row)] = torch.tensor(row, dtype=torch.long)
+            mask[i, :len(row)] = 1
         input_ids, mask = input_ids.to(device), mask.to(device)
         logits = _logits(forward, input_ids, mask)
         for i, (ids, start) in enumerate(chunk):
-            # Position t's logits predict token t + 1.
-            logp = torch.log_softmax(logits[i, start - 1:len(ids) - 1].float(), dim=-1)
-            target = input_ids[i, start:len(ids)]
+            # A causal LM's logits at t predict token t + 1; a masked LM's predict the masked token t.
+            at = slice(start, len(ids)) if masked else slice(start - 1, len(ids) - 1)
+            logp = torch.log_softmax(logits[i, at].float(), dim=-1)
+            target = torch.tensor(ids[start:], dtype=torch.long, device=logp.device)
             sums.append(logp.gather(-1, target[:, None]).sum())
             counts.append(len(ids) - start)
     return torch.stack(sums), torch.tensor(counts, dtype=torch.float32, device=sums[0].device)
@@ -217,6 +260,8 @@ def candidate_loss(forward: Forward, tokenizer, samples: Sequence[Sample], *, de
 # --------------------------------------------------------------------------------------- generation
 def _greedy_one(forward: Forward, tokenizer, context: str, *, device, max_new_tokens: int, stop: str | None,
                 max_length: int | None) -> tuple[list[int], str]:
+    if is_masked_lm(tokenizer):
+        raise ConfigError("generation needs a causal LM; a masked LM scores candidates only")
     ids = list(tokenizer(context, add_special_tokens=True)["input_ids"])
     if max_length is not None:
         if max_length <= max_new_tokens:

@@ -14,21 +14,27 @@ import torch
 SPECIALS = ["<pad>", "<unk>", "<s>", "</s>"]
 
 
-def char_tokenizer():
-    from tokenizers import Regex, Tokenizer, models, pre_tokenizers
+def char_tokenizer(*, masked: bool = False):
+    """Characters as tokens; ``masked`` adds a ``<mask>`` token and names ``<s>``/``</s>`` the
+    cls/sep tokens, as a masked LM's tokenizer does."""
+    from tokenizers import AddedToken, Regex, Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
     chars = [c for c in string.printable if c not in "\r\x0b\x0c"]
-    vocab = {tok: i for i, tok in enumerate(SPECIALS + chars)}
+    vocab = {tok: i for i, tok in enumerate(SPECIALS + chars + (["<mask>"] if masked else []))}
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    extra = {}
+    if masked:
+        tok.add_special_tokens([AddedToken("<mask>", special=True)])
+        extra = {"mask_token": "<mask>", "cls_token": "<s>", "sep_token": "</s>"}
     return PreTrainedTokenizerFast(
-        tokenizer_object=tok, pad_token="<pad>", unk_token="<unk>", bos_token="<s>", eos_token="</s>"
+        tokenizer_object=tok, pad_token="<pad>", unk_token="<unk>", bos_token="<s>", eos_token="</s>", **extra
     )
 
 
 def tiny_config(arch: str, *, vocab_size: int, hidden: int = 38, layers: int = 2, ffn: int = 53):
-    from transformers import LlamaConfig, OPTConfig
+    from transformers import LlamaConfig, OPTConfig, RobertaConfig
 
     if arch == "opt":
         return OPTConfig(
@@ -43,19 +49,27 @@ def tiny_config(arch: str, *, vocab_size: int, hidden: int = 38, layers: int = 2
             num_attention_heads=3, num_key_value_heads=1, max_position_embeddings=256,
             tie_word_embeddings=True, pad_token_id=0, bos_token_id=2, eos_token_id=3,
         )
+    if arch == "roberta":
+        # A masked LM; positions start after the padding index, as RoBERTa's do.
+        return RobertaConfig(
+            vocab_size=vocab_size, hidden_size=hidden, num_hidden_layers=layers, intermediate_size=ffn,
+            num_attention_heads=2, max_position_embeddings=256 + 2, pad_token_id=0, bos_token_id=2,
+            eos_token_id=3, type_vocab_size=1,
+        )
     raise ValueError(f"unknown tiny architecture {arch!r}")
 
 
 def make_tiny_model(path: str | Path, arch: str = "opt", *, seed: int = 0, **dims) -> Path:
     """Save a random-weight causal LM and its tokenizer as a Hugging Face folder."""
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM, AutoModelForMaskedLM
 
     path = Path(path)
-    tok = char_tokenizer()
-    # The vocabulary is odd on purpose: 99 tokens + 2 unused rows.
+    masked = arch == "roberta"
+    tok = char_tokenizer(masked=masked)
+    # The vocabulary is odd on purpose: 99 tokens (100 with <mask>) + 2 unused rows.
     config = tiny_config(arch, vocab_size=len(tok) + 2, **dims)
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(config)
+    model = (AutoModelForMaskedLM if masked else AutoModelForCausalLM).from_config(config)
     model.save_pretrained(path)
     tok.save_pretrained(path)
     return path

@@ -42,6 +42,6 @@ def tiny_models(tmp_path_factory) -> dict[str, Path]:
     from mezo_dist.testing import make_tiny_model
 
     root = tmp_path_factory.mktemp("models")
-    return {arch: make_tiny_model(root / arch, arch) for arch in ("opt", "llama")}
+    return {arch: make_tiny_model(root / arch, arch) for arch in ("opt", "llama", "roberta")}
 
 

@@ -24,9 +24,16 @@ from mezo_dist.placement.masters import Masters
 def block_classes(model: nn.Module) -> set[str]:
     """Class names of the repeated blocks, as Hugging Face declares them for splitting."""
     names = set(getattr(model, "_no_split_modules", None) or [])
-    if not names:
+    if names:
+        return names
+    # Some models (RoBERTa) declare none: take the class of the longest list of identical modules.
+    best: list[nn.Module] = []
+    for module in model.modules():
+        if isinstance(module, nn.ModuleList) and len(module) > len(best) and len({type(m) for m in module}) == 1:
+            best = list(module)
+    if not best:
         raise ValueError(f"{type(model).__name__} declares no _no_split_modules; cannot find its blocks to shard")
-    return names
+    return {type(best[0]).__name__}
 
 
 def apply_fully_shard(
@@ -37,8 +44,16 @@ def apply_fully_shard(
     if mp is not None:
         kwargs["mp_policy"] = mp
     blocks = block_classes(model)
-    for module in list(model.modules()):
-        if type(module).__name__ in blocks:
+    owners: dict[int, set[str]] = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        owners.setdefault(id(param), set()).add(name)
+    for prefix, module in list(model.named_modules()):
+        if type(module).__name__ not in blocks:
+            continue
+        # A block holding a tied parameter (RoBERTa's embeddings, tied to its LM head) stays with
+        # the root: FSDP2 needs every name of a parameter inside one group.
+        tied = any(not n.startswith(prefix + ".") for p in module.parameters() for n in owners[id(p)])
+        if not tied:
             fully_shard(module, **kwargs)
     fully_shard(model, **kwargs)
     return model
