@@ -85,11 +85,16 @@ def _encode_pairs(tokenizer, pairs: Sequence[tuple[str, str]], max_length: int |
     """
     if not pairs:
         return []
-    if is_masked_lm(tokenizer):
-        return _encode_masked(tokenizer, pairs, max_length)
-    contexts = tokenizer([c for c, _ in pairs], add_special_tokens=True)["input_ids"]
-    fulls = tokenizer([c + x for c, x in pairs], add_special_tokens=True)["input_ids"]
-    bos = tokenizer.bos_token_id
+    masked = is_masked_lm(tokenizer)
+    if masked:
+        if None in (tokenizer.cls_token_id, tokenizer.sep_token_id, tokenizer.mask_token_id):
+            raise ConfigError("a masked LM's tokenizer needs cls, sep and mask tokens")
+        # [CLS] leads (kept by truncation like a BOS); one position stays free for the [SEP].
+        lead, room, bos = [tokenizer.cls_token_id], 1, tokenizer.cls_token_id
+    else:
+        lead, room, bos = [], 0, tokenizer.bos_token_id
+    contexts = tokenizer([c for c, _ in pairs], add_special_tokens=not masked)["input_ids"]
+    fulls = tokenizer([c + x for c, x in pairs], add_special_tokens=not masked)["input_ids"]
     out = []
     for (context, cont), ctx, full in zip(pairs, contexts, fulls):
         ctx, full = list(ctx), list(full)
@@ -100,36 +105,14 @@ def _encode_pairs(tokenizer, pairs: Sequence[tuple[str, str]], max_length: int |
             start += 1
         if start >= len(full):
             raise ConfigError(f"continuation {cont!r} adds no tokens to its context")
+        ids, start = lead + full, start + len(lead)
         if start == 0:
             raise ConfigError("a context must encode to at least one token (nothing predicts the first token)")
         if max_length is not None:
-            if len(full) - start > max_length - 1:
-                raise ConfigError(f"continuation of {len(full) - start} tokens does not fit max_length={max_length}")
-            full, cut = _left_truncate(full, max_length, bos)
-            start -= cut
-        out.append((full, start))
-    return out
-
-
-def _encode_masked(tokenizer, pairs: Sequence[tuple[str, str]], max_length: int | None) -> list[tuple[list[int], int]]:
-    cls, sep, mask = tokenizer.cls_token_id, tokenizer.sep_token_id, tokenizer.mask_token_id
-    if cls is None or sep is None or mask is None:
-        raise ConfigError("a masked LM's tokenizer needs cls, sep and mask tokens")
-    contexts = tokenizer([c for c, _ in pairs], add_special_tokens=False)["input_ids"]
-    fulls = tokenizer([c + x for c, x in pairs], add_special_tokens=False)["input_ids"]
-    out = []
-    for (_, cont), ctx, full in zip(pairs, contexts, fulls):
-        ctx, full = list(ctx), list(full)
-        start = 0
-        while start < min(len(ctx), len(full)) and ctx[start] == full[start]:
-            start += 1
-        if start >= len(full):
-            raise ConfigError(f"continuation {cont!r} adds no tokens to its context")
-        ids, start = [cls] + full, start + 1
-        if max_length is not None:
-            if len(ids) - start > max_length - 2:
+            limit = max_length - room
+            if len(ids) - start > limit - 1:
                 raise ConfigError(f"continuation of {len(ids) - start} tokens does not fit max_length={max_length}")
-            ids, cut = _left_truncate(ids, max_length - 1, cls)  # room for the closing [SEP]
+            ids, cut = _left_truncate(ids, limit, bos)
             start -= cut
         out.append((ids, start))
     return out
