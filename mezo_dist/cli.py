@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import sys
+from typing import Any, Callable
 
 from mezo_dist.errors import ConfigError, TrainingError
 
@@ -32,24 +33,38 @@ def main(argv: list[str] | None = None) -> int:
         say(str(e))
         return 2
 
-    from mezo_dist.distributed import init_distributed, teardown
     from mezo_dist.train import train
 
-    state, clean = None, False
-    try:
-        state = init_distributed(use_deepspeed=cfg.run.backend == "zero3", need_group=cfg.run.backend == "fsdp",
-                                 hsdp_replicas=cfg.run.hsdp_replicas)
-        quiet_other_ranks(state)
+    def body(state) -> int:
         summary = train(cfg, state)
         if state.is_main and "steps" in summary:
             print(f"done: {summary['steps']} steps on {summary['backend']} x{summary['world_size']}; "
                   f"model in {cfg.run.output_dir}/final", flush=True)
         elif state.is_main:
             print(f"done: evaluation only; metrics in {cfg.run.output_dir}/eval_results.json", flush=True)
-        clean = True
         return 0
+
+    return run_on_ranks(body, use_deepspeed=cfg.run.backend == "zero3", need_group=cfg.run.backend == "fsdp",
+                        hsdp_replicas=cfg.run.hsdp_replicas)
+
+
+def run_on_ranks(body: Callable[[Any], int], **init_kwargs: Any) -> int:
+    """Start the process group, run ``body(state)``, and tear the group down.
+
+    A ConfigError (exit 2) or TrainingError (exit 1) is raised on every rank alike (the same
+    input, the same all-reduced losses), so it ends with the closing barrier. Any other error
+    skips it: the other ranks may wait in a collective this rank will never join.
+    """
+    from mezo_dist.distributed import init_distributed, teardown
+
+    clean = False
+    try:
+        state = init_distributed(**init_kwargs)
+        quiet_other_ranks(state)
+        code = body(state)
+        clean = True
+        return code
     except ConfigError as e:
-        # Raised on every rank alike (the same input), so the closing barrier is safe.
         clean = True
         say(str(e))
         return 2

@@ -83,7 +83,7 @@ def replay(placement, rows: list[dict[str, Any]]) -> None:
 def main(argv: list[str] | None = None) -> int:
     import sys
 
-    from mezo_dist.cli import quiet_other_ranks, say
+    from mezo_dist.cli import say
 
     try:
         model_args, args = parse_into((ModelArguments, ReplayArguments), argv)
@@ -105,15 +105,12 @@ def main(argv: list[str] | None = None) -> int:
         say(str(e))
         return 2
 
-    from mezo_dist.distributed import init_distributed, teardown
+    from mezo_dist.cli import run_on_ranks
     from mezo_dist.export import save_pretrained
     from mezo_dist.models import load_tokenizer
     from mezo_dist.train import build_placement
 
-    clean = False
-    try:
-        state = init_distributed(use_deepspeed=backend == "zero3", need_group=backend == "fsdp")
-        quiet_other_ranks(state)
+    def body(state) -> int:
         compute = None
         if rows[0].get("precision") not in (None, "fp32") and model_args.torch_dtype == "float32":
             # Only zero3 depends on it (its fp32 masters start from the model rounded to it).
@@ -128,12 +125,8 @@ def main(argv: list[str] | None = None) -> int:
         save_pretrained(placement, tokenizer, args.output_dir)
         if state.is_main:
             print(f"replayed {len(rows)} steps on {backend} x{state.world_size}; model in {args.output_dir}", flush=True)
-        clean = True
         return 0
-    except ConfigError as e:
-        clean = True
-        say(str(e))
-        return 2
-    finally:
-        teardown(clean=clean)
-        sys.stdout.flush()
+
+    code = run_on_ranks(body, use_deepspeed=backend == "zero3", need_group=backend == "fsdp")
+    sys.stdout.flush()
+    return code
