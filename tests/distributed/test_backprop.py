@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.helpers import ROOT, launch
+from tests.distributed.test_equivalence import zero3_config
+from tests.helpers import launch
 
 STEPS = 5
 ARGS = ["--trainer", "regular", "--max_steps", str(STEPS), "--max_length", "32", "--learning_rate", "1e-3",
@@ -31,13 +32,9 @@ def losses(out: Path) -> list[float]:
 
 def zero3_adamw(tmp: Path) -> str:
     """The shipped backprop config, with torch's AdamW (the same update as the other placements;
-    DeepSpeed's fused Adam would round differently and needs a compiled op)."""
-    cfg = json.loads((ROOT / "ds_configs" / "zero3_adamw.json").read_text())
-    cfg["optimizer"]["params"]["torch_adam"] = True
-    cfg["zero_optimization"]["stage3_param_persistence_threshold"] = 0  # every parameter partitioned
-    path = tmp / "zero3_adamw_torch.json"
-    path.write_text(json.dumps(cfg))
-    return str(path)
+    DeepSpeed's fused Adam would round differently and needs a compiled op), every parameter
+    partitioned."""
+    return zero3_config(tmp, 0, base="zero3_adamw.json", optimizer_params={"torch_adam": True})
 
 
 @pytest.fixture(scope="module")

@@ -22,11 +22,16 @@ COMMON = ["--max_steps", str(STEPS), "--max_length", "32", "--learning_rate", "1
           "--disable_tqdm", "--report_to", "none"]
 
 
-def zero3_config(tmp: Path, threshold: int | None) -> str:
-    cfg = json.loads((ROOT / "ds_configs" / "zero3.json").read_text())
+def zero3_config(tmp: Path, threshold: int | None, *, base: str = "zero3.json",
+                 optimizer_params: dict | None = None) -> str:
+    """A shipped ds_config with the persistence threshold set (None: as shipped, 0: every
+    parameter partitioned) and optimizer params added."""
+    cfg = json.loads((ROOT / "ds_configs" / base).read_text())
     if threshold is not None:
         cfg["zero_optimization"]["stage3_param_persistence_threshold"] = threshold
-    path = tmp / f"zero3_thr{threshold}.json"
+    if optimizer_params:
+        cfg["optimizer"]["params"].update(optimizer_params)
+    path = tmp / f"{Path(base).stem}_thr{threshold}.json"
     path.write_text(json.dumps(cfg))
     return str(path)
 

@@ -3,14 +3,14 @@ change, and the seed log replays them."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.helpers import ROOT, launch
+from tests.distributed.test_equivalence import zero3_config
+from tests.helpers import launch
 
 ARGS = ["--lora", "--lora_r", "4", "--max_steps", "6", "--max_length", "32", "--learning_rate", "1e-2",
         "--zo_eps", "1e-3", "--seed", "3", "--disable_tqdm", "--report_to", "none"]
@@ -33,10 +33,7 @@ def lora_runs(tiny_models, text_file, tmp_path_factory):
     launch("torchrun", "launch/train.py", [*common, "--backend", "fsdp", "--per_device_train_batch_size", "2",
                                            "--output_dir", str(tmp / "two")])
     # Threshold 0: the adapters are partitioned too, not kept whole on every rank.
-    cfg = json.loads((ROOT / "ds_configs" / "zero3.json").read_text())
-    cfg["zero_optimization"]["stage3_param_persistence_threshold"] = 0
-    (tmp / "zero3.json").write_text(json.dumps(cfg))
-    launch("deepspeed", "launch/train.py", [*common, "--ds_config", str(tmp / "zero3.json"),
+    launch("deepspeed", "launch/train.py", [*common, "--ds_config", zero3_config(tmp, 0),
                                             "--per_device_train_batch_size", "2", "--output_dir", str(tmp / "zero3")])
     return tmp
 

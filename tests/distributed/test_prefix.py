@@ -3,13 +3,13 @@ starts from real activations on every backend), and the export loads with peft."
 
 from __future__ import annotations
 
-import json
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.helpers import ROOT, launch
+from tests.distributed.test_equivalence import zero3_config
+from tests.helpers import launch
 
 ARGS = ["--prefix_tuning", "--num_prefix", "4", "--max_steps", "4", "--max_length", "32", "--learning_rate", "1e-2",
         "--seed", "3", "--disable_tqdm", "--report_to", "none"]
@@ -22,10 +22,8 @@ def runs(tiny_models, text_file, tmp_path_factory):
     launch("python", "launch/train.py", [*common, "--per_device_train_batch_size", "4", "--output_dir", str(tmp / "one")])
     launch("torchrun", "launch/train.py", [*common, "--backend", "fsdp", "--per_device_train_batch_size", "2",
                                            "--output_dir", str(tmp / "fsdp")])
-    cfg = json.loads((ROOT / "ds_configs" / "zero3.json").read_text())
-    cfg["zero_optimization"]["stage3_param_persistence_threshold"] = 0  # the prefix is partitioned too
-    (tmp / "zero3.json").write_text(json.dumps(cfg))
-    launch("deepspeed", "launch/train.py", [*common, "--ds_config", str(tmp / "zero3.json"),
+    # Threshold 0: the prefix is partitioned too, not kept whole on every rank.
+    launch("deepspeed", "launch/train.py", [*common, "--ds_config", zero3_config(tmp, 0),
                                             "--per_device_train_batch_size", "2", "--output_dir", str(tmp / "zero3")])
     return tmp
 
