@@ -24,7 +24,6 @@ import argparse
 import json
 import os
 import platform
-import socket
 import subprocess
 import sys
 import tempfile
@@ -34,6 +33,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from benchmarks.common import adamw_torch_config, free_port  # noqa: E402
 
 COLLECTIVES = ("all_reduce", "all_gather", "all_gather_into_tensor", "_all_gather_base", "all_gather_single",
                "all_gather_coalesced", "reduce_scatter", "reduce_scatter_tensor", "_reduce_scatter_base",
@@ -171,19 +171,9 @@ def worker(args: argparse.Namespace) -> None:
         teardown()
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def zero3_configs(tmp: Path) -> dict[str, Path]:
     """The shipped ZeRO-3 configs; AdamW through torch's optimizer (no compiled DeepSpeed op)."""
-    adamw = json.loads((ROOT / "ds_configs" / "zero3_adamw.json").read_text())
-    adamw["optimizer"]["params"]["torch_adam"] = True
-    path = tmp / "zero3_adamw_torch.json"
-    path.write_text(json.dumps(adamw))
-    return {"mezo": ROOT / "ds_configs" / "zero3.json", "backprop": path}
+    return {"mezo": ROOT / "ds_configs" / "zero3.json", "backprop": adamw_torch_config(tmp)}
 
 
 def summarise(reports: list[dict], steps: int, replicas: int) -> dict:

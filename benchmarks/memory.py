@@ -41,7 +41,6 @@ import json
 import os
 import platform
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -51,6 +50,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from benchmarks.common import adamw_torch_config, free_port, read_scalars, write_text_data  # noqa: E402
 
 # name -> (trainer, extra flags)
 METHODS = {
@@ -64,16 +64,6 @@ METHODS = {
 }
 LR = {"zo": "1e-6", "regular": "1e-5"}
 BASE_DIMS = {}  # make_tiny_model's defaults: hidden 38, 2 layers
-
-
-def data_dir() -> Path:
-    return Path(os.environ.get("MEZO_DIST_DATA", ROOT.parent / "shared" / "data"))
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def env_for(world: int) -> dict[str, str]:
@@ -158,14 +148,6 @@ def worker(args: argparse.Namespace) -> None:
 # driver
 
 
-def read_scalars(tb_dir: Path) -> dict[str, list[tuple[int, float]]]:
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    acc = EventAccumulator(str(tb_dir), size_guidance={"scalars": 0})
-    acc.Reload()
-    return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
-
-
 def measure_train(args, model: Path, train_file: Path, out: Path, trainer: str, flags: list[str], backend: str,
                   world: int, ds_config: Path | None) -> dict:
     cmd = ["launch/train.py", "--model_name_or_path", str(model), "--train_file", str(train_file),
@@ -204,33 +186,6 @@ def measure_infer(args, model: Path, train_file: Path, out: Path, backend: str, 
             "wall_s": wall, "method": "in-process forward under no_grad (benchmarks/memory.py worker)"}
 
 
-def write_text_data(path: Path, n: int, min_chars: int) -> int:
-    """Real sentences (SST-2 train) packed into texts longer than the token budget, so that every
-    example is cut at --max_length and every batch has the same shape."""
-    src = data_dir() / "sst2" / "train.jsonl"
-    if not src.is_file():
-        raise SystemExit(f"memory.py: error: no real sentences at {src} (set MEZO_DIST_DATA to the folder holding "
-                         "sst2/train.jsonl)")
-    sentences = []
-    with open(src, encoding="utf-8") as f:
-        for line in f:
-            sentences.append(json.loads(line)["sentence"].strip())
-            if len(sentences) >= 40 * n:
-                break
-    texts, cur = [], ""
-    for s in sentences:
-        cur = f"{cur} {s}".strip()
-        if len(cur) >= min_chars:
-            texts.append(cur)
-            cur = ""
-            if len(texts) == n:
-                break
-    with open(path, "w", encoding="utf-8") as f:
-        for t in texts:
-            f.write(json.dumps({"text": t}) + "\n")
-    return len(texts)
-
-
 def plan(args) -> list[dict]:
     """(group, method, backend, world, ds_config kind) for every cell."""
     cells = []
@@ -247,13 +202,7 @@ def plan(args) -> list[dict]:
 
 
 def zero3_configs(tmp: Path) -> dict[str, Path]:
-    mezo = ROOT / "ds_configs" / "zero3.json"
-    cfg = json.loads((ROOT / "ds_configs" / "zero3_adamw.json").read_text())
-    # DeepSpeed's AdamW needs a compiled op unless told to use torch's.
-    cfg["optimizer"]["params"]["torch_adam"] = True
-    ft = tmp / "zero3_adamw_torch.json"
-    ft.write_text(json.dumps(cfg, indent=2))
-    return {"zo": mezo, "regular": ft}
+    return {"zo": ROOT / "ds_configs" / "zero3.json", "regular": adamw_torch_config(tmp)}
 
 
 def fmt_gib(b: float) -> str:

@@ -26,7 +26,6 @@ import json
 import os
 import platform
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -36,59 +35,15 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from benchmarks.common import free_port, read_scalars, write_text_data  # noqa: E402
 
 TRAINERS = {"mezo": "zo", "backprop": "regular"}
 # Learning rates only keep the runs sane; throughput does not depend on them.
 LEARNING_RATE = {"mezo": 1e-6, "backprop": 1e-5}
 
 
-def data_dir() -> Path:
-    return Path(os.environ.get("MEZO_DIST_DATA", ROOT.parent / "shared" / "data"))
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def threads_per_rank(world: int) -> int:
     return max(1, (os.cpu_count() or 1) // world)
-
-
-def write_text_data(path: Path, n: int, min_chars: int) -> int:
-    """``n`` examples of real sentences (SST-2 train), each at least ``min_chars`` characters, as
-    ``{"text": ...}`` lines. Returns the number of sentences used."""
-    src = data_dir() / "sst2" / "train.jsonl"
-    if not src.exists():
-        raise SystemExit(f"scaling: no SST-2 sentences at {src} (set MEZO_DIST_DATA)")
-    sentences = []
-    with src.open() as f:
-        for line in f:
-            s = json.loads(line)["sentence"].strip()
-            if s:
-                sentences.append(s)
-    rows, used, cur = [], 0, ""
-    for s in sentences:
-        cur = f"{cur} {s}".strip()
-        used += 1
-        if len(cur) >= min_chars:
-            rows.append(cur)
-            cur = ""
-            if len(rows) == n:
-                break
-    if len(rows) < n:
-        raise SystemExit(f"scaling: only {len(rows)} examples of {min_chars} characters in {src}")
-    path.write_text("".join(json.dumps({"text": r}) + "\n" for r in rows))
-    return used
-
-
-def read_scalars(tb_dir: Path) -> dict[str, list[tuple[int, float]]]:
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    acc = EventAccumulator(str(tb_dir), size_guidance={"scalars": 0})
-    acc.Reload()
-    return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
 
 
 def throughput(out: Path, micro: int, world: int) -> dict:
