@@ -187,6 +187,9 @@ class TrainConfig:
     bp: BackpropArguments = field(default_factory=BackpropArguments)
 
 
+# The ds_config optimizer params whose "auto" is filled from the flags (placement/zero3.py).
+FILLED_OPTIMIZER_PARAMS = ("lr", "betas", "eps", "weight_decay", "momentum")
+
 # The flag groups of launch/train.py, in the order of its --help.
 ARG_GROUPS = (ModelArguments, DataArguments, TaskArguments, ZOArguments, BackpropArguments, RunArguments)
 
@@ -279,6 +282,11 @@ def validate(cfg: TrainConfig) -> None:
         kind = str(ds.get("optimizer", {}).get("type", "")).lower()
         if cfg.bp.trainer == "regular" and {"adamw": "adamw", "adam": "adamw", "sgd": "sgd"}.get(kind) != cfg.bp.optim:
             raise ConfigError(f"ds_config {run.ds_config} has optimizer {kind or 'without a type'}; --optim is {cfg.bp.optim}")
+        unfillable = [k for k, v in ds.get("optimizer", {}).get("params", {}).items()
+                      if v == "auto" and k not in FILLED_OPTIMIZER_PARAMS]
+        if unfillable:
+            raise ConfigError(f"ds_config {run.ds_config} optimizer params {', '.join(unfillable)} are 'auto', "
+                              f"but only {', '.join(FILLED_OPTIMIZER_PARAMS)} are filled from the flags")
     elif run.ds_config is not None:
         raise ConfigError(f"--ds_config is for the zero3 backend, not {run.backend}")
     resolve_defaults(cfg)

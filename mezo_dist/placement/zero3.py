@@ -165,7 +165,9 @@ def fill_ds_config(
     cfg.setdefault("steps_per_print", 10**9)
     if optimizer is not None and "optimizer" in cfg:
         params = cfg["optimizer"].setdefault("params", {})
-        for key in ("lr", "betas", "eps", "weight_decay", "momentum"):
+        from mezo_dist.config import FILLED_OPTIMIZER_PARAMS
+
+        for key in FILLED_OPTIMIZER_PARAMS:
             if key in optimizer and params.get(key) == "auto":
                 params[key] = optimizer[key]
         fill(cfg, "gradient_clipping", optimizer.get("gradient_clipping", 0.0))

@@ -23,6 +23,8 @@ def files(tmp_path, tiny_models, text_file):
     with_opt = json.loads((ROOT / "ds_configs" / "zero3.json").read_text())
     with_opt["optimizer"] = {"type": "AdamW", "params": {"lr": 1e-5}}
     (tmp_path / "with_opt.json").write_text(json.dumps(with_opt))
+    with_opt["optimizer"]["params"]["amsgrad"] = "auto"
+    (tmp_path / "auto_amsgrad.json").write_text(json.dumps(with_opt))
     return {"tmp": tmp_path, "model": str(tiny_models["opt"]), "text": str(text_file)}
 
 
@@ -59,6 +61,12 @@ CASES = [
     ("backprop optimizer mismatch", ["--trainer", "regular", "--optim", "sgd", "--ds_config", "ds_configs/zero3_adamw.json"],
      r"has optimizer adamw; --optim is sgd"),
     ("backprop non_diff", ["--trainer", "regular", "--task_name", "SST2", "--non_diff"], r"--non_diff needs --trainer zo"),
+    ("backprop auto field unfillable", ["--trainer", "regular", "--ds_config", "{tmp}/auto_amsgrad.json"],
+     r"optimizer params amsgrad are 'auto', but only lr, betas, eps, weight_decay, momentum are filled"),
+    ("backprop fp16 without loss scaling", ["--trainer", "regular", "--precision", "fp16"],
+     r"--precision fp16 needs loss scaling, which only the zero3 backend's engine does"),
+    ("negative grad norm", ["--trainer", "regular", "--max_grad_norm=-1"], r"--max_grad_norm must be >= 0"),
+    ("unknown prefix init", ["--prefix_tuning", "--prefix_init", "zeros"], r"unknown --prefix_init 'zeros'"),
     ("lora rank zero", ["--lora", "--lora_r", "0"], r"--lora_r must be >= 1"),
     ("lora and prefix", ["--lora", "--prefix_tuning"], r"--lora and --prefix_tuning are exclusive"),
     ("prefix length zero", ["--prefix_tuning", "--num_prefix", "0"], r"--num_prefix must be >= 1"),
