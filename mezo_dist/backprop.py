@@ -89,6 +89,17 @@ class Backprop:
                 self.ddp = DistributedDataParallel(placement.model)
                 placement.runner = self.ddp
 
+    def describe(self) -> str:
+        """The optimizer that steps and where its states live, e.g. ``DeepSpeedCPUAdam (states on cpu)``."""
+        if self.engine is None:
+            return type(self.optimizer).__name__
+        # The engine wraps the basic optimizer (the one the ds_config named) in its ZeRO-3 optimizer.
+        name = type(getattr(self.engine, "basic_optimizer", None) or self.optimizer).__name__
+        offload = self.engine.zero_offload_optimizer()
+        device = getattr(offload, "device", None) if offload else None
+        device = getattr(device, "value", device)
+        return f"{name} (states on {device})" if device and device != "none" else name
+
     def _set_lr(self, lr: float) -> None:
         for group in self.optimizer.param_groups:
             group["lr"] = lr

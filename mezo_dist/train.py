@@ -220,6 +220,8 @@ def train(cfg: TrainConfig, state: DistState) -> dict[str, Any]:
             logger.write_json("eval_results.json", results)
         summary = {"steps": run.max_steps, "skipped_steps": skipped, "backend": run.backend,
                    "world_size": state.world_size, "resumed_from_step": start, "peak_memory_bytes_per_rank": peaks}
+        if regular:
+            summary["optimizer"] = zo.describe()
         logger.write_json("train_results.json", summary)
         return summary | results
     finally:

@@ -1,11 +1,14 @@
 """The backprop baseline (``--trainer regular``) on the same stack: 2-rank FSDP2, 2-rank ZeRO-3
-(DeepSpeed's engine and optimizer) and 2-rank data parallel (DDP) reach the parameters of one
-process with the same global batch, also when the batch is split into accumulated micro-batches;
-and the loss goes down."""
+(DeepSpeed's engine and optimizer, also with the optimizer offloaded to the host as
+ds_configs/zero3_adamw_offload.json ships it) and 2-rank data parallel (DDP) reach the parameters of
+one process with the same global batch, also when the batch is split into accumulated
+micro-batches; and the loss goes down."""
 
 from __future__ import annotations
 
 import json
+import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -37,6 +40,23 @@ def zero3_adamw(tmp: Path) -> str:
     return zero3_config(tmp, 0, base="zero3_adamw.json", optimizer_params={"torch_adam": True})
 
 
+def zero3_adamw_offload(tmp: Path, *, torch_adam: bool) -> str:
+    """The shipped ZeRO-Offload config (optimizer states and step on the host), every parameter
+    partitioned; with ``torch_adam`` the host step is torch's AdamW instead of DeepSpeedCPUAdam
+    (DeepSpeed insists on its own unless ``zero_force_ds_cpu_optimizer`` is off)."""
+    path = Path(zero3_config(tmp, 0, base="zero3_adamw_offload.json",
+                             optimizer_params={"torch_adam": True} if torch_adam else None))
+    if torch_adam:
+        cfg = json.loads(path.read_text())
+        cfg["zero_force_ds_cpu_optimizer"] = False
+        path.write_text(json.dumps(cfg))
+    return str(path)
+
+
+def optimizer_used(out: Path) -> str:
+    return json.loads((out / "train_results.json").read_text())["optimizer"]
+
+
 @pytest.fixture(scope="module")
 def one_process(tiny_models, text_file, tmp_path_factory):
     out = tmp_path_factory.mktemp("bp_one")
@@ -45,18 +65,28 @@ def one_process(tiny_models, text_file, tmp_path_factory):
     return out
 
 
+# launcher, flags, micro-batch, accumulation, the optimizer train_results.json must name.
 CASES = {
-    "fsdp": ("torchrun", ["--backend", "fsdp"], 2, 1),
-    "fsdp-accumulated": ("torchrun", ["--backend", "fsdp"], 1, 2),
-    "ddp": ("torchrun", ["--backend", "single"], 2, 1),
-    "zero3-accumulated": ("deepspeed", ["--ds_config", "{zero3}"], 1, 2),
+    "fsdp": ("torchrun", ["--backend", "fsdp"], 2, 1, "AdamW"),
+    "fsdp-accumulated": ("torchrun", ["--backend", "fsdp"], 1, 2, "AdamW"),
+    "ddp": ("torchrun", ["--backend", "single"], 2, 1, "AdamW"),
+    "zero3-accumulated": ("deepspeed", ["--ds_config", "{zero3}"], 1, 2, "AdamW"),
+    "zero3-optimizer-offload": ("deepspeed", ["--ds_config", "{zero3_offload}"], 2, 1, "AdamW (states on cpu)"),
+    # DeepSpeed's own host Adam, as shipped: compiled at first use (a minute or two, once).
+    "zero3-optimizer-offload-cpuadam": ("deepspeed", ["--ds_config", "{zero3_offload_cpuadam}"], 2, 1,
+                                        "DeepSpeedCPUAdam (states on cpu)"),
 }
 
 
 @pytest.mark.parametrize("case", list(CASES))
 def test_backprop_matches_one_process(case, one_process, tiny_models, text_file, tmp_path):
-    launcher, flags, micro, accum = CASES[case]
-    flags = [f.format(zero3=zero3_adamw(tmp_path)) for f in flags]
+    launcher, flags, micro, accum, optimizer = CASES[case]
+    if case.endswith("cpuadam") and shutil.which(os.environ.get("CXX", "c++")) is None:
+        pytest.skip("DeepSpeedCPUAdam is compiled at first use and no C++ compiler is on PATH")
+    configs = {"zero3": lambda: zero3_adamw(tmp_path),
+               "zero3_offload": lambda: zero3_adamw_offload(tmp_path, torch_adam=True),
+               "zero3_offload_cpuadam": lambda: zero3_adamw_offload(tmp_path, torch_adam=False)}
+    flags = [configs[f[1:-1]]() if f.startswith("{") else f for f in flags]
     out = tmp_path / "out"
     launch(launcher, "launch/train.py", ["--model_name_or_path", str(tiny_models["llama"]), "--train_file", str(text_file),
                                          "--output_dir", str(out), "--per_device_train_batch_size", str(micro),
@@ -67,6 +97,7 @@ def test_backprop_matches_one_process(case, one_process, tiny_models, text_file,
     assert moved > 1e-3, "AdamW at lr 1e-3 must move the weights"
     assert max((ref[k] - got[k]).abs().max().item() for k in ref) <= 1e-6
     assert losses(out) == pytest.approx(losses(one_process), rel=1e-5)
+    assert optimizer_used(out) == optimizer
 
 
 def test_backprop_loss_goes_down(one_process):

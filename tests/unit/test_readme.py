@@ -52,3 +52,19 @@ def test_every_train_flag_in_the_readme_exists():
                 used |= {t for t in shlex.split(tail) if t.startswith("--")}
     used |= set(re.findall(r"^\| `(--\w+)`", README, flags=re.M))
     assert used and used <= known, used - known
+
+
+def test_every_shipped_ds_config_is_accepted_by_its_trainer():
+    import json
+
+    from mezo_dist.config import read_ds_config
+
+    shipped = sorted((ROOT / "ds_configs").glob("*.json"))
+    assert {p.name for p in shipped} >= {"zero3.json", "zero3_offload.json", "zero3_adamw.json",
+                                         "zero3_adamw_offload.json"}
+    for path in shipped:
+        # A config with an optimizer section is the backprop baseline's; the others are MeZO's.
+        with_optimizer = "optimizer" in json.loads(path.read_text())
+        cfg = read_ds_config(str(path), with_optimizer=with_optimizer)
+        assert cfg["zero_optimization"]["stage"] == 3, path.name
+        assert path.name in README, f"the README does not mention {path.name}"
