@@ -35,7 +35,9 @@ its estimate before it starts and, after each run, the time left at the pace mea
 results record each MeZO run's median step time. On a GPU it takes minutes.
 
 Results go to ``benchmarks/results/fidelity{_tag}.{json,md,png}``, rewritten after every run, so an
-interrupted benchmark leaves the runs it finished. A run that fails is recorded with its error and
+interrupted benchmark leaves the runs it finished. ``--append`` keeps the rows already in that file
+(a (task, template) run again replaces its row), so tasks can be run at different budgets into one
+table: every row records its own budget. A run that fails is recorded with its error and
 the others go on; the script then exits with status 1. Methods are entries of ``METHODS``: a
 backprop baseline is one more entry (its flags and how its result is read).
 """
@@ -107,7 +109,7 @@ def _mezo_flags(args: argparse.Namespace) -> list[str]:
 METHODS: dict[str, Method] = {
     "zero_shot": Method("zero_shot", _zero_shot_flags, lambda a: "zero-shot"),
     "icl": Method("icl", _icl_flags, lambda a: f"ICL ({a.num_demos} demos)"),
-    "mezo": Method("mezo", _mezo_flags, lambda a: f"MeZO ({a.steps} steps; best dev step)", trains=True),
+    "mezo": Method("mezo", _mezo_flags, lambda a: "MeZO (best dev step)", trains=True),
 }
 
 
@@ -283,6 +285,39 @@ def run_one(args: argparse.Namespace, task: str, template: str, method: Method) 
 
 
 # --------------------------------------------------------------------------------------- reports
+BUDGET_KEYS = ("steps", "eval_steps", "batch_size", "learning_rate", "zo_eps", "num_train", "num_dev",
+               "num_eval", "num_demos", "icl_pool", "seed")
+
+
+def budget(args: argparse.Namespace) -> dict[str, Any]:
+    """The settings a row was measured with (rows of one table may come from several invocations)."""
+    return {k: getattr(args, k) for k in BUDGET_KEYS}
+
+
+def budget_text(b: dict[str, Any]) -> str:
+    return (f"MeZO {b['steps']} steps at batch {b['batch_size']}, lr {b['learning_rate']:g}, eps {b['zo_eps']:g}, "
+            f"{b['num_train']} train examples, dev ({b['num_dev']} examples) every {b['eval_steps']} steps; "
+            f"ICL {b['num_demos']} demonstrations from {b['icl_pool']} train examples; "
+            f"{b['num_eval']} eval examples; seed {b['seed']}")
+
+
+def load_rows(path: Path) -> list[dict]:
+    """Rows of an earlier results file (``--append``); none if it does not exist."""
+    if not path.is_file():
+        return []
+    data = json.loads(path.read_text())
+    rows = data.get("rows", [])
+    for r in rows:
+        # Files written before rows carried their budget had one budget for all, in the meta.
+        if "budget" not in r:
+            missing = [k for k in BUDGET_KEYS if k not in data.get("meta", {})]
+            if missing:
+                raise SystemExit(f"fidelity: error: {path} records no {', '.join(missing)} for its rows; "
+                                 "run without --append")
+            r["budget"] = {k: data["meta"][k] for k in BUDGET_KEYS}
+    return rows
+
+
 def _pct(x: float | None) -> str:
     return "n/a" if x is None or not math.isfinite(x) else f"{100 * x:.1f}"
 
@@ -292,18 +327,23 @@ def markdown(rows: list[dict], meta: dict, methods: list[str], args: argparse.Na
     trained = [m for m in methods if METHODS[m].trains]
     gains = [f"{METHODS[m].label(args).split(' (')[0]} gain over zero-shot (points)" for m in trained
              if "zero_shot" in methods]
+    budgets = {budget_text(r["budget"]) for r in rows if "budget" in r}
     lines = [
         f"# Zero-shot vs ICL vs MeZO: {meta['model']}",
         "",
-        f"Budgets: MeZO {meta['steps']} steps at batch {meta['batch_size']}, lr {meta['learning_rate']:g}, "
-        f"eps {meta['zo_eps']:g}, {meta['num_train']} train examples, dev ({meta['num_dev']} examples) every "
-        f"{meta['eval_steps']} steps, the best-dev checkpoint reported; ICL {meta['num_demos']} demonstrations "
-        f"from {meta['icl_pool']} train examples. Eval: {meta['num_eval']} validation examples (fewer where the "
-        f"split is smaller), the same for every method; seed {meta['seed']}. Accuracy in %. "
+        "MeZO reports the eval score of its best-dev checkpoint. Every method of a row scores the same "
+        "eval examples (validation split; fewer where the split is smaller). Accuracy in %. "
         f"Machine: {meta['machine']}. Total wall time {meta['wall_s'] / 60:.1f} min.",
         "",
-        "| task | template | " + " | ".join(cols + gains) + " |",
-        "|---|---|" + "---|" * (len(cols) + len(gains)),
+    ]
+    if len(budgets) == 1:
+        lines += [f"Budget: {budgets.pop()}.", ""]
+    else:
+        lines += ["Budgets, per row: " + "; ".join(f"{r['task']} / {r['template']}: {budget_text(r['budget'])}"
+                                                   for r in rows) + ".", ""]
+    lines += [
+        "| task | template | MeZO steps | " + " | ".join(cols + gains) + " |",
+        "|---|---|---|" + "---|" * (len(cols) + len(gains)),
     ]
     for r in rows:
         cells = []
@@ -321,7 +361,9 @@ def markdown(rows: list[dict], meta: dict, methods: list[str], args: argparse.Na
             if "zero_shot" in methods:
                 g = r.get("gain_points", {}).get(m)
                 cells.append("n/a" if g is None else f"{g:+.1f}")
-        lines.append(f"| {r['task']} | {r['template']} | " + " | ".join(cells) + " |")
+        trains = any(METHODS[m].trains for m in r["methods"] if m in METHODS)
+        steps = r.get("budget", {}).get("steps", meta.get("steps")) if trains else "-"
+        lines.append(f"| {r['task']} | {r['template']} | {steps} | " + " | ".join(cells) + " |")
     step_times = [f"{r['task']} / {r['template']} {got['median_step_s']:.1f} s" for r in rows
                   for m, got in r["methods"].items() if got.get("median_step_s") is not None]
     if step_times:
@@ -423,6 +465,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0, help="train/dev sample and MeZO run seed")
     p.add_argument("--results", default=str(ROOT / "benchmarks" / "results"))
     p.add_argument("--tag", default="", help="suffix for the result files")
+    p.add_argument("--append", action="store_true",
+                   help="keep the rows already in the results file (a (task, template) run again replaces its row)")
     args = p.parse_args(argv)
     args.data_dir = Path(args.data_dir).resolve()
     return args
@@ -469,13 +513,18 @@ def main(argv: list[str] | None = None) -> int:
     }
     out = Path(args.results)
     name = "fidelity" + (f"_{args.tag}" if args.tag else "")
-    rows: list[dict] = []
+    rows: list[dict] = load_rows(out / f"{name}.json") if args.append else []
+    if args.append and rows:
+        old = json.loads((out / f"{name}.json").read_text())["meta"]
+        meta["tasks"] = list(dict.fromkeys(old.get("tasks", []) + tasks))
+        meta["wall_s_before"] = old.get("wall_s", 0.0)  # that file's total, earlier invocations included
     t_start = time.perf_counter()
     failed = 0
     est_left = est
     for task, label, template in plan:
-        row: dict[str, Any] = {"task": task, "template": label, "template_name": template, "methods": {}}
-        rows.append(row)
+        row: dict[str, Any] = {"task": task, "template": label, "template_name": template, "budget": budget(args),
+                               "methods": {}}
+        rows = [r for r in rows if (r["task"], r["template"]) != (task, label)] + [row]
         for m in methods:
             got = run_one(args, task, template, METHODS[m])
             est_left -= estimate_run_seconds(args, m)
@@ -490,7 +539,7 @@ def main(argv: list[str] | None = None) -> int:
             zs = row["methods"].get("zero_shot", {}).get("score")
             row["gain_points"] = {k: round(100 * (v["score"] - zs), 2) for k, v in row["methods"].items()
                                   if METHODS[k].trains and zs is not None and "score" in v}
-            meta["wall_s"] = round(time.perf_counter() - t_start, 1)
+            meta["wall_s"] = round(time.perf_counter() - t_start + meta.get("wall_s_before", 0.0), 1)
             write_all(out, name, rows, meta, methods, args)
     print(markdown(rows, meta, methods, args))
     print(f"results in {out}/{name}.{{json,md,png}}", flush=True)

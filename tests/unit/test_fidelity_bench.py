@@ -53,7 +53,19 @@ def test_fidelity_smoke(tiny_models: dict[str, Path], real_data: Path, tmp_path:
     assert row["gain_points"]["mezo"] == pytest.approx(100 * (mezo["score"] - row["methods"]["zero_shot"]["score"]))
 
     md = (out / "fidelity.md").read_text()
-    assert "| SST2 | paper |" in md and "ICL (2 demos)" in md and "MeZO (2 steps" in md
+    assert "| SST2 | paper | 2 |" in md and "ICL (2 demos)" in md and "MeZO (best dev step)" in md
+    assert row["budget"]["steps"] == 2 and "Budget: MeZO 2 steps at batch" in md
+
+    # --append: another task at another budget joins the table; the first row is kept as it was.
+    run_cmd([sys.executable, str(SCRIPT), "--model_name_or_path", str(tiny_models["opt"]), "--data_dir", str(real_data),
+             "--tasks", "RTE", "--templates", "paper", "--methods", "zero_shot", "--num_eval", "4",
+             "--max_length", "256", "--results", str(out), "--append"], timeout=300)
+    data2 = json.loads((out / "fidelity.json").read_text())
+    assert [(r["task"], r["template"]) for r in data2["rows"]] == [("SST2", "paper"), ("RTE", "paper")]
+    assert data2["rows"][0] == row
+    assert data2["rows"][1]["budget"]["num_eval"] == 4 and data2["meta"]["wall_s"] >= data["meta"]["wall_s"]
+    md = (out / "fidelity.md").read_text()
+    assert "Budgets, per row: SST2 / paper: MeZO 2 steps" in md and "| RTE | paper | - |" in md
 
 
 def test_templates_resolve_and_dedupe() -> None:
