@@ -311,7 +311,20 @@ def ratios_comm_volume(d: dict) -> list[str]:
 
 
 def ratios_fidelity(d: dict) -> list[str]:
-    return []
+    out = []
+    for r in d["rows"]:
+        got = r["methods"]
+        zs, icl, mezo = (got.get(m, {}).get("score") for m in ("zero_shot", "icl", "mezo"))
+        if zs is None:
+            continue
+        parts = [f"zero-shot {100 * zs:.1f}"]
+        if icl is not None:
+            parts.append(f"ICL {100 * icl:.1f} ({100 * (icl - zs):+.1f} points)")
+        if mezo is not None:
+            steps = r.get("budget", d.get("meta", {})).get("steps")
+            parts.append(f"MeZO after {steps} steps {100 * mezo:.1f} ({100 * (mezo - zs):+.1f} points)")
+        out.append(f"{r['task']} / {r['template']}: " + ", ".join(parts))
+    return out
 
 
 RATIOS = {"step_cost": ratios_step_cost, "memory": ratios_memory, "perturb": ratios_perturb,
