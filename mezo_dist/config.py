@@ -112,6 +112,12 @@ class ZOArguments:
         metadata={"help": "Distribution of z: gaussian (the paper's) or rademacher (z = +-1, several times cheaper "
                   "to draw on CPU)."},
     )
+    zo_kernel: str = field(
+        default="auto",
+        metadata={"help": "How z is drawn and applied: auto (the fused Triton pass on CUDA when triton is installed, "
+                  "else blocks), blocks (the counter-based CPU/GPU block stream) or triton (needs CUDA, or "
+                  "TRITON_INTERPRET=1). The two streams differ; a run replays on the one it used."},
+    )
     precision: Optional[str] = field(
         default=None,
         metadata={"help": "Forward compute precision: fp32, bf16 or fp16 (default: that of --torch_dtype). With "
@@ -310,6 +316,13 @@ def validate_precision(cfg: TrainConfig) -> None:
     zo, dtype = cfg.zo, cfg.model.torch_dtype
     if zo.zo_perturbation not in ("gaussian", "rademacher"):
         raise ConfigError(f"unknown --zo_perturbation {zo.zo_perturbation!r}; choose one of gaussian, rademacher")
+    from mezo_dist.zo import passes
+
+    if zo.zo_kernel not in passes.KERNELS:
+        raise ConfigError(f"unknown --zo_kernel {zo.zo_kernel!r}; choose one of {', '.join(passes.KERNELS)}")
+    if zo.zo_kernel == "triton" and not (passes.triton_available() or passes.triton_interpreted()):
+        raise ConfigError("--zo_kernel triton needs a CUDA device and the triton package (or TRITON_INTERPRET=1 "
+                          "for Triton's interpreter)")
     if zo.precision is None:
         zo.precision = {v: k for k, v in PRECISIONS.items()}.get(dtype, "fp32")
     if zo.precision not in PRECISIONS:

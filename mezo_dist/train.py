@@ -180,7 +180,8 @@ def train(cfg: TrainConfig, state: DistState) -> dict[str, Any]:
         zo = Backprop(placement, cfg.bp, lr=schedule, weight_decay=cfg.zo.weight_decay)
     else:
         zo = MeZO(placement, lr=schedule, eps=cfg.zo.zo_eps, weight_decay=cfg.zo.weight_decay, seed=run.seed,
-                  num_directions=cfg.zo.zo_num_directions, perturbation=cfg.zo.zo_perturbation)
+                  num_directions=cfg.zo.zo_num_directions, perturbation=cfg.zo.zo_perturbation,
+                  kernel=cfg.zo.zo_kernel)
     start, skipped, best = 0, 0, None
     if run.resume_from_checkpoint:
         saved = load_checkpoint(placement, run.resume_from_checkpoint)

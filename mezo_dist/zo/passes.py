@@ -14,6 +14,9 @@ takes the same path and sees the same z):
   with Philox (``tl.randn`` / ``tl.randint`` at the elements' global indices) and edits x in
   place; no z buffer at all. This is a different stream from ``blocks``: z agrees across
   layouts on CUDA, and a run must be replayed on the same path (the trajectory records it).
+  Under Triton's interpreter (``TRITON_INTERPRET=1``) the same kernel runs on CPU tensors,
+  slowly but value for value: that is how the suite tests this path on machines without a GPU
+  (``kernel="triton"`` must then be asked for; ``auto`` never picks it).
 
 An op may also be a plain callable ``fn(x, z, piece)`` that edits ``x`` given a materialised
 slice of z; on the ``triton`` path z is then drawn into a buffer by the same kernel, so both
@@ -28,6 +31,7 @@ perturbation, so they come back bit for bit.
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -65,12 +69,20 @@ class Affine:
 Op = Union[Affine, Callable[[torch.Tensor, torch.Tensor, Piece], None]]
 
 
+def _triton_importable() -> bool:
+    # Found, not imported: importing triton fixes, for the process, whether its kernels compile
+    # or run under the interpreter, and that is for the first real use to decide.
+    return importlib.util.find_spec("triton") is not None
+
+
 def triton_available() -> bool:
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return torch.cuda.is_available()
+    """Whether the fused pass can run compiled: triton importable and a CUDA device present."""
+    return _triton_importable() and torch.cuda.is_available()
+
+
+def triton_interpreted() -> bool:
+    """Whether Triton's interpreter is on (``TRITON_INTERPRET=1``): kernels then run on any tensor."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1" and _triton_importable()
 
 
 def resolve_kernel(kernel: str, device: torch.device) -> str:
@@ -80,8 +92,9 @@ def resolve_kernel(kernel: str, device: torch.device) -> str:
     device = torch.device(device)
     if kernel == "auto":
         return "triton" if device.type == "cuda" and triton_available() else "blocks"
-    if kernel == "triton" and not (device.type == "cuda" and triton_available()):
-        raise ValueError(f"kernel 'triton' needs a CUDA device and the triton package; this rank has {device.type}")
+    if kernel == "triton" and not ((device.type == "cuda" and triton_available()) or triton_interpreted()):
+        raise ValueError(f"kernel 'triton' needs a CUDA device and the triton package (or Triton's interpreter, "
+                         f"TRITON_INTERPRET=1); this rank has {device.type}")
     return kernel
 
 

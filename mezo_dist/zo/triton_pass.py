@@ -8,11 +8,15 @@ shard touches only its own elements. Indices are 32-bit for parameters below 2^3
 64-bit above (Philox-4x64), a choice that depends on the parameter's size only.
 
 Imported only when ``triton`` is importable and a piece lives on CUDA (see ``passes.py``); the
-CPU path is the blocks stream of ``noise.py``. This file cannot be exercised without a GPU; the
-GPU tests in ``tests/unit/test_perturbations.py`` check slice invariance and restore there.
+CPU path is the blocks stream of ``noise.py``. Under Triton's interpreter (``TRITON_INTERPRET=1``
+before this module is imported) the kernel runs on CPU tensors too: the tests use that to check
+slice invariance, the affine arithmetic and 2-rank equivalence on machines without a GPU, and run
+the compiled kernel on CUDA where there is one.
 """
 
 from __future__ import annotations
+
+import os
 
 import torch
 import triton
@@ -49,8 +53,8 @@ def affine_(x: torch.Tensor, key: int, offset: int, full_numel: int, a: float, c
     n = x.numel()
     if n == 0:
         return
-    if not (x.is_cuda and x.dim() == 1 and x.is_contiguous()):
-        raise ValueError("the fused pass needs a contiguous 1-D CUDA tensor")
+    if not ((x.is_cuda or os.environ.get("TRITON_INTERPRET", "0") == "1") and x.dim() == 1 and x.is_contiguous()):
+        raise ValueError("the fused pass needs a contiguous 1-D CUDA tensor (any device under TRITON_INTERPRET=1)")
     if offset < 0 or offset + n > full_numel:
         raise ValueError(f"slice [{offset}, {offset + n}) outside a parameter of {full_numel} elements")
     grid = (triton.cdiv(n, _BLOCK),)

@@ -71,6 +71,7 @@ CASES = [
     ("lora and prefix", ["--lora", "--prefix_tuning"], r"--lora and --prefix_tuning are exclusive"),
     ("prefix length zero", ["--prefix_tuning", "--num_prefix", "0"], r"--num_prefix must be >= 1"),
     ("unknown perturbation", ["--zo_perturbation", "uniform"], r"unknown --zo_perturbation 'uniform'"),
+    ("unknown kernel", ["--zo_kernel", "cuda"], r"unknown --zo_kernel 'cuda'; choose one of auto, blocks, triton"),
     ("unknown precision", ["--precision", "fp8"], r"unknown --precision 'fp8'"),
     ("precision contradicts dtype", ["--torch_dtype", "bfloat16", "--precision", "fp16"],
      r"--precision fp16 contradicts --torch_dtype bfloat16"),
@@ -190,3 +191,18 @@ def test_bad_replay_input_gets_one_line(trained, trajectory, pattern, capsys, tm
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and re.search(pattern, err[0]), err
     assert not (tmp_path / "rebuilt").exists()
+
+
+def test_triton_kernel_without_cuda_or_interpreter_gets_one_line(files, capsys, tmp_path, monkeypatch):
+    from mezo_dist.zo import passes
+
+    if passes.triton_available():
+        pytest.skip("CUDA and triton are present: --zo_kernel triton is valid here")
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    argv = ["--model_name_or_path", files["model"], "--train_file", files["text"], "--output_dir",
+            str(tmp_path / "out"), "--max_steps", "1", "--zo_kernel", "triton"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["mezo_dist: error: --zo_kernel triton needs a CUDA device and the triton package (or "
+                   "TRITON_INTERPRET=1 for Triton's interpreter)"]
+    assert not (tmp_path / "out").exists()
