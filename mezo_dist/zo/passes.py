@@ -69,20 +69,22 @@ class Affine:
 Op = Union[Affine, Callable[[torch.Tensor, torch.Tensor, Piece], None]]
 
 
-def _triton_importable() -> bool:
-    # Found, not imported: importing triton fixes, for the process, whether its kernels compile
-    # or run under the interpreter, and that is for the first real use to decide.
-    return importlib.util.find_spec("triton") is not None
-
-
 def triton_available() -> bool:
-    """Whether the fused pass can run compiled: triton importable and a CUDA device present."""
-    return _triton_importable() and torch.cuda.is_available()
+    """Whether the fused pass can run compiled: a CUDA device present and triton importable."""
+    if not torch.cuda.is_available():
+        # Not even imported: importing triton fixes, for the process, whether its kernels compile
+        # or run under the interpreter, and that is for the first real use to decide.
+        return False
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 def triton_interpreted() -> bool:
     """Whether Triton's interpreter is on (``TRITON_INTERPRET=1``): kernels then run on any tensor."""
-    return os.environ.get("TRITON_INTERPRET", "0") == "1" and _triton_importable()
+    return os.environ.get("TRITON_INTERPRET", "0") == "1" and importlib.util.find_spec("triton") is not None
 
 
 def resolve_kernel(kernel: str, device: torch.device) -> str:
