@@ -10,9 +10,11 @@ For each task and template, one run per method, each a subprocess of ``launch/tr
 * zero-shot: ``--eval_only --num_train 0 --num_dev 0`` (the eval set scored as is);
 * ICL: ``--eval_only --num_demos K``, the K demonstrations drawn from a sampled pool of train rows;
 * MeZO: ``--num_train 1000 --train_as_classification --max_steps S --eval_steps E``; the dev set
-  (disjoint from train) is scored every E steps, the best-dev checkpoint is reported on the eval set.
+  (disjoint from train) is scored every E steps, the best-dev checkpoint is reported on the eval set;
+* backprop (only when named in ``--methods``): the same as MeZO with ``--trainer regular``, AdamW at
+  ``--bp_learning_rate``: the baseline that pays for backward passes and optimizer state.
 
-All three score the same eval examples (drawn from the validation split with a fixed seed). The
+All methods score the same eval examples (drawn from the validation split with a fixed seed). The
 learning curve (dev metric vs step, one line per MeZO run) is read from the run's TensorBoard
 scalars ``dev/<metric>``, or, where those cannot be read, from its ``step N: dev X`` lines.
 
@@ -38,8 +40,8 @@ Results go to ``benchmarks/results/fidelity{_tag}.{json,md,png}``, rewritten aft
 interrupted benchmark leaves the runs it finished. ``--append`` keeps the rows already in that file
 (a (task, template) run again replaces its row), so tasks can be run at different budgets into one
 table: every row records its own budget. A run that fails is recorded with its error and
-the others go on; the script then exits with status 1. Methods are entries of ``METHODS``: a
-backprop baseline is one more entry (its flags and how its result is read).
+the others go on; the script then exits with status 1. Methods are entries of ``METHODS``
+(their flags and how their result is read).
 """
 
 from __future__ import annotations
@@ -106,10 +108,20 @@ def _mezo_flags(args: argparse.Namespace) -> list[str]:
             "--per_device_train_batch_size", str(args.batch_size), "--logging_steps", "0"]
 
 
+def _backprop_flags(args: argparse.Namespace) -> list[str]:
+    # The same data, steps, batch and dev selection as MeZO; AdamW at its own learning rate.
+    return ["--trainer", "regular", "--optim", "adamw", "--num_train", str(args.num_train), "--num_dev",
+            str(args.num_dev), "--max_steps", str(args.steps), "--eval_steps", str(args.eval_steps),
+            "--train_as_classification", "--learning_rate", repr(args.bp_learning_rate),
+            "--per_device_train_batch_size", str(args.batch_size), "--logging_steps", "0"]
+
+
 METHODS: dict[str, Method] = {
     "zero_shot": Method("zero_shot", _zero_shot_flags, lambda a: "zero-shot"),
     "icl": Method("icl", _icl_flags, lambda a: f"ICL ({a.num_demos} demos)"),
     "mezo": Method("mezo", _mezo_flags, lambda a: "MeZO (best dev step)", trains=True),
+    # Not in the default --methods: the baseline that needs backward passes and Adam's memory.
+    "backprop": Method("backprop", _backprop_flags, lambda a: "backprop AdamW (best dev step)", trains=True),
 }
 
 
@@ -148,7 +160,7 @@ def estimate_run_seconds(args: argparse.Namespace, method: str) -> float:
         return RUN_OVERHEAD_S + n_eval
     if method == "icl":
         return RUN_OVERHEAD_S + n_eval * (args.num_demos + 1)
-    if method == "mezo":
+    if method in ("mezo", "backprop"):
         evals = args.steps // args.eval_steps if args.eval_steps else 0
         return (RUN_OVERHEAD_S + MEZO_OVERHEAD_S + args.steps * STEP_S_AT_16 * args.batch_size / 16
                 + evals * args.num_dev * EVAL_S_PER_EXAMPLE + 2 * n_eval)
@@ -285,7 +297,7 @@ def run_one(args: argparse.Namespace, task: str, template: str, method: Method) 
 
 
 # --------------------------------------------------------------------------------------- reports
-BUDGET_KEYS = ("steps", "eval_steps", "batch_size", "learning_rate", "zo_eps", "num_train", "num_dev",
+BUDGET_KEYS = ("steps", "eval_steps", "batch_size", "learning_rate", "zo_eps", "bp_learning_rate", "num_train", "num_dev",
                "num_eval", "num_demos", "icl_pool", "seed")
 
 
@@ -294,11 +306,13 @@ def budget(args: argparse.Namespace) -> dict[str, Any]:
     return {k: getattr(args, k) for k in BUDGET_KEYS}
 
 
-def budget_text(b: dict[str, Any]) -> str:
-    return (f"MeZO {b['steps']} steps at batch {b['batch_size']}, lr {b['learning_rate']:g}, eps {b['zo_eps']:g}, "
-            f"{b['num_train']} train examples, dev ({b['num_dev']} examples) every {b['eval_steps']} steps; "
-            f"ICL {b['num_demos']} demonstrations from {b['icl_pool']} train examples; "
-            f"{b['num_eval']} eval examples; seed {b['seed']}")
+def budget_text(b: dict[str, Any], methods: Any = ()) -> str:
+    text = (f"MeZO {b['steps']} steps at batch {b['batch_size']}, lr {b['learning_rate']:g}, eps {b['zo_eps']:g}, "
+            f"{b['num_train']} train examples, dev ({b['num_dev']} examples) every {b['eval_steps']} steps; ")
+    if "backprop" in methods:
+        text += f"backprop AdamW the same, lr {b['bp_learning_rate']:g}; "
+    return text + (f"ICL {b['num_demos']} demonstrations from {b['icl_pool']} train examples; "
+                   f"{b['num_eval']} eval examples; seed {b['seed']}")
 
 
 def load_rows(path: Path) -> list[dict]:
@@ -310,11 +324,12 @@ def load_rows(path: Path) -> list[dict]:
     for r in rows:
         # Files written before rows carried their budget had one budget for all, in the meta.
         if "budget" not in r:
-            missing = [k for k in BUDGET_KEYS if k not in data.get("meta", {})]
+            meta = data.get("meta", {})
+            missing = [k for k in BUDGET_KEYS if k not in meta and k != "bp_learning_rate"]  # older than backprop
             if missing:
                 raise SystemExit(f"fidelity: error: {path} records no {', '.join(missing)} for its rows; "
                                  "run without --append")
-            r["budget"] = {k: data["meta"][k] for k in BUDGET_KEYS}
+            r["budget"] = {k: meta.get(k) for k in BUDGET_KEYS}
     return rows
 
 
@@ -327,7 +342,7 @@ def markdown(rows: list[dict], meta: dict, methods: list[str], args: argparse.Na
     trained = [m for m in methods if METHODS[m].trains]
     gains = [f"{METHODS[m].label(args).split(' (')[0]} gain over zero-shot (points)" for m in trained
              if "zero_shot" in methods]
-    budgets = {budget_text(r["budget"]) for r in rows if "budget" in r}
+    budgets = {budget_text(r["budget"], r["methods"]) for r in rows if "budget" in r}
     lines = [
         f"# Zero-shot vs ICL vs MeZO: {meta['model']}",
         "",
@@ -339,10 +354,10 @@ def markdown(rows: list[dict], meta: dict, methods: list[str], args: argparse.Na
     if len(budgets) == 1:
         lines += [f"Budget: {budgets.pop()}.", ""]
     else:
-        lines += ["Budgets, per row: " + "; ".join(f"{r['task']} / {r['template']}: {budget_text(r['budget'])}"
-                                                   for r in rows) + ".", ""]
+        lines += ["Budgets, per row: " + "; ".join(f"{r['task']} / {r['template']}: "
+                                                   f"{budget_text(r['budget'], r['methods'])}" for r in rows) + ".", ""]
     lines += [
-        "| task | template | MeZO steps | " + " | ".join(cols + gains) + " |",
+        "| task | template | training steps | " + " | ".join(cols + gains) + " |",
         "|---|---|---|" + "---|" * (len(cols) + len(gains)),
     ]
     for r in rows:
@@ -364,10 +379,10 @@ def markdown(rows: list[dict], meta: dict, methods: list[str], args: argparse.Na
         trains = any(METHODS[m].trains for m in r["methods"] if m in METHODS)
         steps = r.get("budget", {}).get("steps", meta.get("steps")) if trains else "-"
         lines.append(f"| {r['task']} | {r['template']} | {steps} | " + " | ".join(cells) + " |")
-    step_times = [f"{r['task']} / {r['template']} {got['median_step_s']:.1f} s" for r in rows
+    step_times = [f"{r['task']} / {r['template']} {m} {got['median_step_s']:.1f} s" for r in rows
                   for m, got in r["methods"].items() if got.get("median_step_s") is not None]
     if step_times:
-        lines += ["", "Median MeZO step time: " + "; ".join(step_times) + "."]
+        lines += ["", "Median step time: " + "; ".join(step_times) + "."]
     failed = [(r["task"], r["template"], m, got["error"]) for r in rows for m, got in r["methods"].items()
               if "error" in got]
     if failed:
@@ -456,7 +471,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--num_train", type=int, default=1000, help="MeZO train examples")
     p.add_argument("--num_demos", type=int, default=4, help="ICL demonstrations")
     p.add_argument("--icl_pool", type=int, default=32, help="train examples the ICL demonstrations are drawn from")
-    p.add_argument("--learning_rate", type=float, default=1e-5)
+    p.add_argument("--learning_rate", type=float, default=1e-5, help="MeZO learning rate")
+    p.add_argument("--bp_learning_rate", type=float, default=1e-5, help="backprop (AdamW) learning rate")
     p.add_argument("--zo_eps", type=float, default=1e-3)
     p.add_argument("--batch_size", type=int, default=16, help="MeZO batch")
     p.add_argument("--eval_batch_size", type=int, default=16, help="sequences per forward when scoring")
@@ -506,7 +522,8 @@ def main(argv: list[str] | None = None) -> int:
         "model": model_label(args.model_name_or_path), "model_name_or_path": args.model_name_or_path,
         "tasks": tasks, "templates": templates, "methods": methods,
         "steps": args.steps, "eval_steps": args.eval_steps, "batch_size": args.batch_size,
-        "learning_rate": args.learning_rate, "zo_eps": args.zo_eps, "num_train": args.num_train,
+        "learning_rate": args.learning_rate, "zo_eps": args.zo_eps, "bp_learning_rate": args.bp_learning_rate,
+        "num_train": args.num_train,
         "num_dev": args.num_dev, "num_eval": args.num_eval, "num_demos": args.num_demos, "icl_pool": args.icl_pool,
         "max_length": args.max_length, "seed": args.seed, "machine": machine(),
         "estimated_2core_cpu_s": round(est), "wall_s": 0.0,

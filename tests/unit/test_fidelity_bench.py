@@ -29,7 +29,8 @@ def test_fidelity_smoke(tiny_models: dict[str, Path], real_data: Path, tmp_path:
     out = tmp_path / "results"
     run_cmd([sys.executable, str(SCRIPT), "--model_name_or_path", str(tiny_models["opt"]), "--data_dir", str(real_data),
              "--tasks", "SST2", "--templates", "paper", "--steps", "2", "--eval_steps", "1", "--num_eval", "8",
-             "--num_dev", "4", "--num_demos", "2", "--max_length", "256", "--results", str(out)], timeout=300)
+             "--num_dev", "4", "--num_demos", "2", "--max_length", "256", "--results", str(out),
+             "--methods", "zero_shot,icl,mezo,backprop", "--bp_learning_rate", "1e-3"], timeout=300)
     for ext in ("json", "md", "png"):
         assert (out / f"fidelity.{ext}").is_file(), ext
     assert (out / "fidelity.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -39,7 +40,7 @@ def test_fidelity_smoke(tiny_models: dict[str, Path], real_data: Path, tmp_path:
     assert data["meta"]["steps"] == 2 and data["meta"]["num_eval"] == 8
     (row,) = data["rows"]
     assert (row["task"], row["template"]) == ("SST2", "paper")
-    for method in ("zero_shot", "icl", "mezo"):
+    for method in ("zero_shot", "icl", "mezo", "backprop"):
         got = row["methods"][method]
         assert "error" not in got, got
         assert 0.0 <= got["score"] <= 1.0 and got["eval_count"] == 8, (method, got)
@@ -52,7 +53,11 @@ def test_fidelity_smoke(tiny_models: dict[str, Path], real_data: Path, tmp_path:
     assert mezo["initial_score"] == row["methods"]["zero_shot"]["score"]
     assert row["gain_points"]["mezo"] == pytest.approx(100 * (mezo["score"] - row["methods"]["zero_shot"]["score"]))
 
+    bp = row["methods"]["backprop"]
+    assert "--trainer regular" in bp["command"] and [p[0] for p in bp["curve"]] == [1, 2]
+    assert row["gain_points"]["backprop"] == pytest.approx(100 * (bp["score"] - row["methods"]["zero_shot"]["score"]))
     md = (out / "fidelity.md").read_text()
+    assert "backprop AdamW the same, lr 0.001" in md and "backprop AdamW gain over zero-shot" in md
     assert "| SST2 | paper | 2 |" in md and "ICL (2 demos)" in md and "MeZO (best dev step)" in md
     assert row["budget"]["steps"] == 2 and "Budget: MeZO 2 steps at batch" in md
 
