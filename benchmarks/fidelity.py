@@ -338,6 +338,8 @@ def _pct(x: float | None) -> str:
 
 
 def markdown(rows: list[dict], meta: dict, methods: list[str], args: argparse.Namespace) -> str:
+    # Columns for every method some row has (rows added with --append may have run others).
+    methods = [m for m in METHODS if m in methods or any(m in r["methods"] for r in rows)]
     cols = [METHODS[m].label(args) for m in methods]
     trained = [m for m in methods if METHODS[m].trains]
     gains = [f"{METHODS[m].label(args).split(' (')[0]} gain over zero-shot (points)" for m in trained
@@ -365,7 +367,7 @@ def markdown(rows: list[dict], meta: dict, methods: list[str], args: argparse.Na
         for m in methods:
             got = r["methods"].get(m)
             if got is None:
-                cells.append("")
+                cells.append("not run")
             elif "error" in got:
                 cells.append("failed")
             elif METHODS[m].trains and got.get("best_step") is not None:
@@ -375,7 +377,7 @@ def markdown(rows: list[dict], meta: dict, methods: list[str], args: argparse.Na
         for m in trained:
             if "zero_shot" in methods:
                 g = r.get("gain_points", {}).get(m)
-                cells.append("n/a" if g is None else f"{g:+.1f}")
+                cells.append(("n/a" if m in r["methods"] else "") if g is None else f"{g:+.1f}")
         trains = any(METHODS[m].trains for m in r["methods"] if m in METHODS)
         steps = r.get("budget", {}).get("steps", meta.get("steps")) if trains else "-"
         lines.append(f"| {r['task']} | {r['template']} | {steps} | " + " | ".join(cells) + " |")
@@ -415,9 +417,9 @@ def plot(rows: list[dict], meta: dict, path: Path) -> None:
                 transform=ax.transAxes)
     else:
         ax.legend(fontsize=8)
-    ax.set_xlabel("MeZO step")
+    ax.set_xlabel("training step")
     ax.set_ylabel(f"dev accuracy (%), {meta['num_dev']} examples")
-    ax.set_title(f"MeZO learning curves: {meta['model']} (star: best dev step)", fontsize=10)
+    ax.set_title(f"Learning curves: {meta['model']} (star: best dev step)", fontsize=10)
     ax.grid(alpha=0.3)
     fig.tight_layout()
     tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}.png")
@@ -481,6 +483,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0, help="train/dev sample and MeZO run seed")
     p.add_argument("--results", default=str(ROOT / "benchmarks" / "results"))
     p.add_argument("--tag", default="", help="suffix for the result files")
+    p.add_argument("--render_only", action="store_true",
+                   help="run nothing: rewrite the markdown table and the plot from the results JSON")
     p.add_argument("--append", action="store_true",
                    help="keep the rows already in the results file (a (task, template) run again replaces its row)")
     args = p.parse_args(argv)
@@ -490,6 +494,14 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
+    if args.render_only:
+        path = Path(args.results) / ("fidelity" + (f"_{args.tag}" if args.tag else "") + ".json")
+        if not path.is_file():
+            raise SystemExit(f"fidelity: error: {path} not found; nothing to render")
+        data = json.loads(path.read_text())
+        write_all(path.parent, path.stem, load_rows(path), data["meta"], data["meta"].get("methods", []), args)
+        print(f"rendered {path.with_suffix('.md')} and {path.with_suffix('.png')}")
+        return 0
     from mezo_dist.errors import ConfigError
 
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]

@@ -314,15 +314,16 @@ def ratios_fidelity(d: dict) -> list[str]:
     out = []
     for r in d["rows"]:
         got = r["methods"]
-        zs, icl, mezo = (got.get(m, {}).get("score") for m in ("zero_shot", "icl", "mezo"))
+        zs, icl, mezo, bp = (got.get(m, {}).get("score") for m in ("zero_shot", "icl", "mezo", "backprop"))
         if zs is None:
             continue
         parts = [f"zero-shot {100 * zs:.1f}"]
         if icl is not None:
             parts.append(f"ICL {100 * icl:.1f} ({100 * (icl - zs):+.1f} points)")
-        if mezo is not None:
-            steps = r.get("budget", d.get("meta", {})).get("steps")
-            parts.append(f"MeZO after {steps} steps {100 * mezo:.1f} ({100 * (mezo - zs):+.1f} points)")
+        steps = r.get("budget", d.get("meta", {})).get("steps")
+        for name, score in (("MeZO", mezo), ("backprop", bp)):
+            if score is not None:
+                parts.append(f"{name} after {steps} steps {100 * score:.1f} ({100 * (score - zs):+.1f} points)")
         out.append(f"{r['task']} / {r['template']}: " + ", ".join(parts))
     return out
 

@@ -71,6 +71,15 @@ def test_fidelity_smoke(tiny_models: dict[str, Path], real_data: Path, tmp_path:
     assert data2["rows"][1]["budget"]["num_eval"] == 4 and data2["meta"]["wall_s"] >= data["meta"]["wall_s"]
     md = (out / "fidelity.md").read_text()
     assert "Budgets, per row: SST2 / paper: MeZO 2 steps" in md and "| RTE | paper | - |" in md
+    # Columns come from every row, not only from the methods of the last invocation.
+    rte = next(line for line in md.splitlines() if line.startswith("| RTE | paper | - |"))
+    assert rte.count("not run") == 3, rte  # ICL, MeZO and backprop columns stay, empty for RTE
+
+    # --render_only rewrites the table and plot from the JSON, running nothing.
+    (out / "fidelity.md").unlink()
+    (out / "fidelity.png").unlink()
+    run_cmd([sys.executable, str(SCRIPT), "--render_only", "--results", str(out)], timeout=120)
+    assert (out / "fidelity.md").read_text() == md and (out / "fidelity.png").is_file()
 
 
 def test_templates_resolve_and_dedupe() -> None:

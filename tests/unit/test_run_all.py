@@ -135,8 +135,10 @@ def test_main_with_nothing_to_run_only_writes_the_readme(tmp_path, monkeypatch):
 
 def test_fidelity_ratios_quote_points_over_zero_shot():
     rows = [{"task": "SST2", "template": "paper", "budget": {"steps": 400},
-             "methods": {"zero_shot": {"score": 0.535}, "icl": {"score": 0.54}, "mezo": {"score": 0.655}}},
+             "methods": {"zero_shot": {"score": 0.535}, "icl": {"score": 0.54}, "mezo": {"score": 0.655},
+                         "backprop": {"score": 0.9}}},
             {"task": "RTE", "template": "paper", "methods": {"zero_shot": {"score": 0.5}, "mezo": {"error": "exit 1"}}}]
     lines = run_all.ratios_fidelity({"meta": {"steps": 100}, "rows": rows})
-    assert lines == ["SST2 / paper: zero-shot 53.5, ICL 54.0 (+0.5 points), MeZO after 400 steps 65.5 (+12.0 points)",
+    assert lines == ["SST2 / paper: zero-shot 53.5, ICL 54.0 (+0.5 points), MeZO after 400 steps 65.5 (+12.0 points), "
+                     "backprop after 400 steps 90.0 (+36.5 points)",
                      "RTE / paper: zero-shot 50.0"]
