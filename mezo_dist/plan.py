@@ -10,7 +10,8 @@ The model of memory is deliberately simple, a sum of named terms per rank (bytes
 * gathered: what a sharded forward holds unsharded at once: the root group (embeddings, final
   norm, tied head) plus two transformer blocks (the one running and the one prefetched).
 * activations: MeZO runs inference, so nothing is kept between layers for a backward; the peak is
-  the working set of one layer, the key/value cache the forward builds, and the logits. Backprop keeps every layer's activations for the backward pass:
+  the working set of one layer and the logits (the forwards pass ``use_cache=False``, so no key/value
+  cache is built). Backprop keeps every layer's activations for the backward pass:
   ``s*b*h*(34 + 5*a*s/h)`` bytes per layer in 16-bit (Korthikanti et al. 2022, "Reducing
   Activation Recomputation in Large Transformer Models", no recomputation), twice that in fp32.
 * optimizer: AdamW in mixed precision keeps an fp32 master copy and two fp32 moments per
@@ -198,16 +199,15 @@ def inference_working_set(shape: ModelShape, s: Setting, seq: int) -> int:
 
     * one layer's live tensors: residual, normed input, attention output and context (4 x hidden),
       the ffn-wide output and its activation (2 x ffn), attention scores and their softmax;
-    * the key/value cache: a Hugging Face forward keeps every layer's keys and values until it
-      returns unless it is called with ``use_cache=False`` (measured: it is most of the forward's
-      working set on a small model), 2 x hidden per token per layer;
+    * no key/value cache: a Hugging Face forward keeps every layer's keys and values until it
+      returns (2 x hidden per token per layer, most of the working set on a small model) unless
+      called with ``use_cache=False``, which every training and scoring forward here passes;
     * the logits, with the loss's fp32 upcast and log-softmax (8 more bytes each).
     """
     w, b, h, a = BYTES[s.dtype], s.batch_size, shape.hidden, shape.heads
     layer = b * seq * (4 * h + 2 * shape.ffn) * w + 2 * b * a * seq * seq * w
-    kv_cache = 2 * b * seq * h * w * shape.layers
     logits = b * seq * shape.vocab * (w + 8)
-    return layer + kv_cache + logits
+    return layer + logits
 
 
 def backprop_activations(shape: ModelShape, s: Setting, seq: int) -> int:

@@ -2,10 +2,10 @@
 
 What is compared, honestly: on CPU the figure a run reports (``peak_memory_bytes_per_rank`` in
 ``train_results.json``) is the process's resident-set high-water mark, which includes the Python,
-torch and transformers runtime (about 400 MB here). That runtime is measured, not guessed: the same
+torch and transformers runtime (400 to 500 MB here). That runtime is measured, not guessed: the same
 command on a model of a few thousand parameters gives it (its own small predicted model part
 subtracted). The planner's *model-dependent part* (parameters, gathered blocks, the forward's
-working set and key/value cache, the noise buffer) is then compared with the measured peak minus
+working set without a key/value cache, the noise buffer) is then compared with the measured peak minus
 that runtime, for a random-weight OPT of 43M parameters (170 MB in fp32) at micro-batch 8 x 128
 tokens, within 15%; and the planner's total with ``runtime_overhead`` set to the measured runtime
 is compared with the measured total, within 15% (an easier check, since the runtime is shared).
