@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import os
 from dataclasses import dataclass
+from pathlib import Path
 from datetime import timedelta
 
 import torch
@@ -73,10 +74,34 @@ def init_distributed(
 
         # Wraps the group started above in DeepSpeed's communication layer.
         deepspeed.init_distributed(dist_backend=backend, timeout=timedelta(seconds=timeout_s))
+        _unlink_deepspeed_shm(rank, world)
     if not dist.is_initialized():
         backend = ""
     return DistState(rank=rank, world_size=world, local_rank=local, device=device, backend=backend,
                      hsdp_replicas=hsdp_replicas)
+
+
+def _unlink_deepspeed_shm(rank: int, world: int) -> None:
+    """Unlink the shared-memory segment DeepSpeed's CPU communication op created for this rank.
+
+    On the CPU accelerator, when every rank is on one host (the ``deepspeed`` launcher sets
+    ``LOCAL_SIZE``), ``init_distributed`` maps one 69 MB ``/dev/shm`` segment per rank for its
+    low-latency all-reduce and never unlinks it, so every run leaves them behind until the host
+    runs out of shared memory. Once all ranks have mapped their peers' segments (the barrier),
+    the names are no longer needed: the mappings stay valid and the memory is freed when the last
+    rank exits. On CUDA there are no such segments and this finds nothing.
+    """
+    shm = Path("/dev/shm")
+    if not shm.is_dir():
+        return
+    name = (f"deepspeed_allreduce_buffer_{os.getuid()}_{os.environ.get('MASTER_ADDR', '')}_"
+            f"{os.environ.get('MASTER_PORT', '')}_{rank}")
+    if not (shm / name).exists():
+        return
+    if world > 1 and dist.is_initialized():
+        dist.barrier()
+    with contextlib.suppress(FileNotFoundError):
+        (shm / name).unlink()
 
 
 def _start_group(backend: str, rank: int, world: int, timeout: timedelta) -> None:

@@ -66,5 +66,20 @@ LAUNCHERS = {
 
 
 def launch(launcher: str, script: str, args: list[str], **kw) -> subprocess.CompletedProcess:
-    """Run ``script`` under a real launcher (2 CPU ranks, except plain python)."""
-    return run_cmd(LAUNCHERS[launcher](free_port()) + [script, *args], **kw)
+    """Run ``script`` under a real launcher (2 CPU ranks, except plain python).
+
+    A run that passes must not leave DeepSpeed's per-rank shared-memory segments behind (each is
+    69 MB of the host's memory until reboot); those of a run that failed are removed here.
+    """
+    port = free_port()
+    ok = False
+    try:
+        proc = run_cmd(LAUNCHERS[launcher](port) + [script, *args], **kw)
+        ok = True
+    finally:
+        left = sorted(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*"))
+        for f in left:
+            f.unlink(missing_ok=True)
+    if ok and left:
+        raise AssertionError(f"the run left shared-memory segments behind: {[f.name for f in left]}")
+    return proc
