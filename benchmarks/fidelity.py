@@ -243,6 +243,13 @@ def curve_from_stdout(text: str) -> list[list[float]]:
     return [[s, points[s]] for s in sorted(points)]
 
 
+def shown_command(cmd: list[str], out: Path, data_dir: Path) -> str:
+    """The command as the results record it: relative to the checkout, with placeholders for the
+    temporary output folder and the data folder, so results say nothing about the host."""
+    text = " ".join(cmd).replace(str(out), "<tmp>").replace(str(data_dir), "<data_dir>")
+    return text.replace(str(ROOT) + os.sep, "")
+
+
 def run_one(args: argparse.Namespace, task: str, template: str, method: Method) -> dict[str, Any]:
     """One ``launch/train.py`` run; its eval metric, and for training methods the learning curve."""
     from mezo_dist.tasks import get_task
@@ -256,7 +263,7 @@ def run_one(args: argparse.Namespace, task: str, template: str, method: Method) 
         proc = subprocess.run(cmd, cwd=ROOT, env=run_env(), capture_output=True, text=True)
         wall = time.perf_counter() - t0
         results_file = out / "eval_results.json"
-        row: dict[str, Any] = {"wall_s": round(wall, 1), "command": " ".join(cmd[1:]).replace(str(out), "<tmp>")}
+        row: dict[str, Any] = {"wall_s": round(wall, 1), "command": shown_command(cmd[1:], out, args.data_dir)}
         if proc.returncode != 0:
             tail = (proc.stderr.strip().splitlines() or proc.stdout.strip().splitlines() or ["(no output)"])[-20:]
             row["error"] = f"exit {proc.returncode}: " + "\n".join(tail)

@@ -53,6 +53,11 @@ def test_fidelity_smoke(tiny_models: dict[str, Path], real_data: Path, tmp_path:
     assert mezo["initial_score"] == row["methods"]["zero_shot"]["score"]
     assert row["gain_points"]["mezo"] == pytest.approx(100 * (mezo["score"] - row["methods"]["zero_shot"]["score"]))
 
+    # The recorded commands name no folder of the host that ran them.
+    text = (out / "fidelity.json").read_text()
+    assert str(real_data) not in text and str(tmp_path) not in text and str(SCRIPT.parents[1]) not in text
+    assert mezo["command"].startswith("launch/train.py ") and "--data_dir <data_dir>" in mezo["command"]
+
     bp = row["methods"]["backprop"]
     assert "--trainer regular" in bp["command"] and [p[0] for p in bp["curve"]] == [1, 2]
     assert row["gain_points"]["backprop"] == pytest.approx(100 * (bp["score"] - row["methods"]["zero_shot"]["score"]))
