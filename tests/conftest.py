@@ -14,6 +14,18 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from tests.helpers import data_dir  # noqa: E402
 
 
+@pytest.fixture(scope="session", autouse=True)
+def torch_extensions_dir(tmp_path_factory) -> Path:
+    """A build folder of this session's own for the ops DeepSpeed compiles at first use (its CPU
+    communication op, DeepSpeedCPUAdam). torch guards a build with a lock file that a killed build
+    leaves behind, and every later run on the shared folder would then wait on it forever; a
+    fresh folder costs one compile per session (about two minutes on 2 cores). A folder the user
+    set through TORCH_EXTENSIONS_DIR is kept."""
+    if "TORCH_EXTENSIONS_DIR" not in os.environ:
+        os.environ["TORCH_EXTENSIONS_DIR"] = str(tmp_path_factory.mktemp("torch_extensions"))
+    return Path(os.environ["TORCH_EXTENSIONS_DIR"])
+
+
 @pytest.fixture(scope="session")
 def real_data() -> Path:
     d = data_dir()
