@@ -101,19 +101,19 @@ def _icl_flags(args: argparse.Namespace) -> list[str]:
     return ["--eval_only", "--num_demos", str(args.num_demos), "--num_train", str(pool), "--num_dev", "0"]
 
 
-def _mezo_flags(args: argparse.Namespace) -> list[str]:
+def _training_flags(args: argparse.Namespace, lr: float, extra: list[str]) -> list[str]:
+    # Every training method: the same data, steps, batch and dev selection; its own learning rate.
     return ["--num_train", str(args.num_train), "--num_dev", str(args.num_dev), "--max_steps", str(args.steps),
-            "--eval_steps", str(args.eval_steps), "--train_as_classification",
-            "--learning_rate", repr(args.learning_rate), "--zo_eps", repr(args.zo_eps),
-            "--per_device_train_batch_size", str(args.batch_size), "--logging_steps", "0"]
+            "--eval_steps", str(args.eval_steps), "--train_as_classification", "--learning_rate", repr(lr),
+            *extra, "--per_device_train_batch_size", str(args.batch_size), "--logging_steps", "0"]
+
+
+def _mezo_flags(args: argparse.Namespace) -> list[str]:
+    return _training_flags(args, args.learning_rate, ["--zo_eps", repr(args.zo_eps)])
 
 
 def _backprop_flags(args: argparse.Namespace) -> list[str]:
-    # The same data, steps, batch and dev selection as MeZO; AdamW at its own learning rate.
-    return ["--trainer", "regular", "--optim", "adamw", "--num_train", str(args.num_train), "--num_dev",
-            str(args.num_dev), "--max_steps", str(args.steps), "--eval_steps", str(args.eval_steps),
-            "--train_as_classification", "--learning_rate", repr(args.bp_learning_rate),
-            "--per_device_train_batch_size", str(args.batch_size), "--logging_steps", "0"]
+    return ["--trainer", "regular", "--optim", "adamw", *_training_flags(args, args.bp_learning_rate, [])]
 
 
 METHODS: dict[str, Method] = {
@@ -499,10 +499,15 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def results_name(args: argparse.Namespace) -> str:
+    """The stem of the result files: ``fidelity`` or ``fidelity_<tag>``."""
+    return "fidelity" + (f"_{args.tag}" if args.tag else "")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
     if args.render_only:
-        path = Path(args.results) / ("fidelity" + (f"_{args.tag}" if args.tag else "") + ".json")
+        path = Path(args.results) / f"{results_name(args)}.json"
         if not path.is_file():
             raise SystemExit(f"fidelity: error: {path} not found; nothing to render")
         data = json.loads(path.read_text())
@@ -548,7 +553,7 @@ def main(argv: list[str] | None = None) -> int:
         "estimated_2core_cpu_s": round(est), "wall_s": 0.0,
     }
     out = Path(args.results)
-    name = "fidelity" + (f"_{args.tag}" if args.tag else "")
+    name = results_name(args)
     rows: list[dict] = load_rows(out / f"{name}.json") if args.append else []
     if args.append and rows:
         old = json.loads((out / f"{name}.json").read_text())["meta"]
