@@ -209,4 +209,6 @@ def test_fused_perturb_restore_is_exact_on_fp32_masters(triton_device):
         passes.run_pass([piece], seed, passes.Affine(a), kind="gaussian", kernel="triton", scratch=scratch, offset=offset)
         offset += a
     assert torch.equal(master, before)
-    assert torch.allclose(storage.float(), before, atol=1e-2)
+    # Back at offset 0 the compute copy is the master rounded to bf16, exactly. (A tolerance of
+    # 1e-2 was flaky: bf16 rounds values beyond 4 by up to 1/64, and randn draws some.)
+    assert torch.equal(storage, before.to(torch.bfloat16))
