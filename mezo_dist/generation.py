@@ -75,9 +75,11 @@ def _decode(forward: Forward, tokenizer, prompts: list[list[int]], *, device, ma
     return list(zip(new, texts))
 
 
-def _generate(forward: Forward, tokenizer, contexts: Sequence[str], *, device, max_new_tokens: int,
-              stop: str | None, max_length: int | None, batch_size: int | None,
-              use_cache: bool | None) -> list[tuple[list[int], str]]:
+def greedy_continuations(forward: Forward, tokenizer, contexts: Sequence[str], *, device: torch.device | str,
+                         max_new_tokens: int = 50, stop: str | None = "\n", max_length: int | None = None,
+                         batch_size: int | None = 8, use_cache: bool | None = None) -> list[tuple[list[int], str]]:
+    """Per context: the kept token ids and the text before the stop string (not stripped).
+    Arguments as in :func:`greedy_generate`."""
     if batch_size is not None and batch_size < 1:
         raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
     # Every prompt is encoded (and refused) before the first forward.
@@ -104,8 +106,9 @@ def greedy_generate_ids(forward: Forward, tokenizer, contexts: Sequence[str], *,
                         max_new_tokens: int = 50, stop: str | None = "\n", max_length: int | None = None,
                         batch_size: int | None = 8, use_cache: bool | None = None) -> list[list[int]]:
     """Token ids that :func:`greedy_generate` keeps for each context (the stop token excluded)."""
-    return [ids for ids, _ in _generate(forward, tokenizer, contexts, device=device, max_new_tokens=max_new_tokens,
-                                        stop=stop, max_length=max_length, batch_size=batch_size, use_cache=use_cache)]
+    return [ids for ids, _ in greedy_continuations(forward, tokenizer, contexts, device=device,
+                                                   max_new_tokens=max_new_tokens, stop=stop, max_length=max_length,
+                                                   batch_size=batch_size, use_cache=use_cache)]
 
 
 def greedy_generate(forward: Forward, tokenizer, contexts: Sequence[str], *, device: torch.device | str,
@@ -123,6 +126,7 @@ def greedy_generate(forward: Forward, tokenizer, contexts: Sequence[str], *, dev
         use_cache: keep keys and values between steps; None decides from the model when
             ``forward`` is one (see :func:`supports_kv_cache`), else True.
     """
-    return [text.strip() for _, text in _generate(forward, tokenizer, contexts, device=device,
-                                                  max_new_tokens=max_new_tokens, stop=stop, max_length=max_length,
-                                                  batch_size=batch_size, use_cache=use_cache)]
+    return [text.strip() for _, text in greedy_continuations(forward, tokenizer, contexts, device=device,
+                                                             max_new_tokens=max_new_tokens, stop=stop,
+                                                             max_length=max_length, batch_size=batch_size,
+                                                             use_cache=use_cache)]
