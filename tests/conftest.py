@@ -57,3 +57,13 @@ def tiny_models(tmp_path_factory) -> dict[str, Path]:
     return {arch: make_tiny_model(root / arch, arch) for arch in ("opt", "llama", "roberta")}
 
 
+
+
+@pytest.fixture(scope="session")
+def rank_pool(torch_extensions_dir):
+    """Two ranks over gloo, started once for the session (see tests/rank_pool.py)."""
+    from tests.rank_pool import RankPool
+
+    pool = RankPool(world=2)
+    yield pool
+    pool.close()
