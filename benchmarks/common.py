@@ -27,6 +27,16 @@ def machine() -> str:
     return text
 
 
+def save_figure(fig, path: Path, *, dpi: int = 110) -> None:
+    """Write a matplotlib figure atomically (a reader never sees half a PNG) and close it."""
+    import matplotlib.pyplot as plt
+
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}.png")
+    fig.savefig(tmp, dpi=dpi)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
 def data_dir() -> Path:
     return Path(os.environ.get("MEZO_DIST_DATA", ROOT.parent / "shared" / "data"))
 

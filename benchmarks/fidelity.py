@@ -62,7 +62,7 @@ from typing import Any, Callable
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.common import machine  # noqa: E402
+from benchmarks.common import machine, save_figure  # noqa: E402
 
 TRAIN = ROOT / "launch" / "train.py"
 DEFAULT_DATA = Path(os.environ.get("MEZO_DIST_DATA", ROOT.parent / "shared" / "data"))
@@ -430,10 +430,7 @@ def plot(rows: list[dict], meta: dict, path: Path) -> None:
     ax.set_title(f"Learning curves: {meta['model']} (star: best dev step)", fontsize=10)
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}.png")
-    fig.savefig(tmp, dpi=120)
-    plt.close(fig)
-    os.replace(tmp, path)
+    save_figure(fig, path, dpi=120)
 
 
 def write_all(out: Path, name: str, rows: list[dict], meta: dict, methods: list[str], args) -> None:

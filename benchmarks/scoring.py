@@ -39,7 +39,7 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
-from benchmarks.common import data_dir, machine  # noqa: E402
+from benchmarks.common import data_dir, machine, save_figure  # noqa: E402
 
 WAYS = ("project", "reference", "project_before")
 
@@ -257,10 +257,7 @@ def plot(result: dict, path: Path) -> None:
     bx.set_ylabel("examples / s")
     bx.set_title(f"SQuAD greedy evaluation ({squad['speedup']:.1f}x)", fontsize=10)
     fig.tight_layout()
-    tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    os.replace(tmp, path)
+    save_figure(fig, path, dpi=110)
 
 
 def main() -> None:

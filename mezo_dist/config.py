@@ -16,6 +16,14 @@ from typing import Any, Optional
 from mezo_dist.errors import ConfigError
 
 BACKENDS = ("single", "fsdp", "zero3")
+
+
+def _to_bool(text: str) -> bool:
+    """A flag value as argparse hands it over: true/false, yes/no, 1/0 (any case)."""
+    value = {"true": True, "yes": True, "1": True, "false": False, "no": False, "0": False}.get(str(text).lower())
+    if value is None:
+        raise ValueError(f"not a boolean: {text!r}")
+    return value
 SCHEDULES = ("constant", "linear")
 
 
@@ -72,11 +80,19 @@ class TaskArguments:
         default=None, metadata={"help": "Folder of <task>/<split>.jsonl in the official field names (default: the hub via datasets)."}
     )
     num_train: int = field(default=1000, metadata={"help": "Training examples sampled, as the paper."})
-    num_dev: int = field(default=500, metadata={"help": "Dev examples (model selection), disjoint from train."})
+    num_dev: Optional[int] = field(
+        default=None,
+        metadata={"help": "Dev examples (model selection), disjoint from train (default: the task's, 500 as the paper, "
+                  "100 for CB and Copa as the MeZO reference; not read by --eval_only)."},
+    )
     num_eval: int = field(default=1000, metadata={"help": "Evaluation examples."})
     train_set_seed: int = field(default=0, metadata={"help": "Seed of the train/dev sample."})
-    train_as_classification: bool = field(
-        default=False, metadata={"help": "Cross-entropy over the candidates instead of the gold answer's tokens."}
+    train_as_classification: Optional[bool] = field(
+        default=None,
+        metadata={"help": "Cross-entropy over the candidates instead of the gold answer's tokens (default: the task's, "
+                  "as the MeZO reference: on for classification tasks, off for Copa, ReCoRD, SQuAD, DROP; "
+                  "'--train_as_classification false' turns it off).",
+                  "nargs": "?", "const": True, "type": _to_bool},
     )
     eval_steps: int = field(default=0, metadata={"help": "Evaluate on dev every N steps and keep the best (0: at the end only)."})
     eval_only: bool = field(default=False, metadata={"help": "Only evaluate (zero-shot, or ICL with --num_demos)."})
@@ -491,6 +507,11 @@ def validate_task(cfg: TrainConfig) -> None:
         return
     task = get_task(t.task_name)
     task.template(t.template)
+    # The task's own defaults for what the user left unset (the paper's, where it sets them).
+    if t.num_dev is None:
+        t.num_dev = task.num_dev
+    if t.train_as_classification is None:
+        t.train_as_classification = task.train_as_classification
     for name in ("num_train", "num_dev", "num_eval", "eval_steps", "num_demos"):
         if getattr(t, name) < 0:
             raise ConfigError(f"--{name} must be >= 0, got {getattr(t, name)}")

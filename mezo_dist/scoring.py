@@ -105,10 +105,14 @@ def candidate_logprobs(forward: Forward, tokenizer, samples: Sequence[Sample], *
     enc = encode_groups(tokenizer, candidate_groups(samples), max_length)
     with torch.no_grad():
         sums, counts = continuation_logprobs(forward, tokenizer, enc, device=device, batch_size=batch_size)
-        flat = (sums / counts).tolist()
+    return per_sample((sums / counts).tolist(), samples)
+
+
+def per_sample(flat: Sequence[float], samples: Sequence[Sample]) -> list[list[float]]:
+    """Candidate scores listed sample after sample, cut into one list per sample."""
     out, k = [], 0
     for s in samples:
-        out.append(flat[k:k + len(s.candidates)])
+        out.append(list(flat[k:k + len(s.candidates)]))
         k += len(s.candidates)
     return out
 

@@ -19,6 +19,7 @@ import torch
 from mezo_dist.encoding import _encode_pairs, _pad_id, candidate_groups, is_masked_lm, prompt_ids
 from mezo_dist.errors import ConfigError
 from mezo_dist.logits import Forward
+from mezo_dist.scoring import classification_loss, per_sample
 from mezo_dist.tasks.base import Sample
 
 
@@ -81,12 +82,7 @@ def candidate_logprobs(forward: Forward, tokenizer, samples: Sequence[Sample], *
     with torch.no_grad():
         sums, counts = token_logprob_sums(forward, tokenizer, _encode_pairs(tokenizer, _pairs(samples, True), max_length),
                                           device=device, batch_size=batch_size)
-        flat = (sums / counts).tolist()
-    out, k = [], 0
-    for s in samples:
-        out.append(flat[k:k + len(s.candidates)])
-        k += len(s.candidates)
-    return out
+    return per_sample((sums / counts).tolist(), samples)
 
 
 def candidate_loss(forward: Forward, tokenizer, samples: Sequence[Sample], *, device, as_classification: bool,
@@ -97,12 +93,7 @@ def candidate_loss(forward: Forward, tokenizer, samples: Sequence[Sample], *, de
     sums, counts = token_logprob_sums(forward, tokenizer, seqs, device=device, batch_size=batch_size, pad_to=pad_to)
     if not as_classification:
         return -sums.double().sum(), counts.sum()
-    scores = sums / counts
-    total, k = scores.new_zeros((), dtype=torch.float64), 0
-    for s in samples:
-        n = len(s.candidates)
-        total = total - torch.log_softmax(scores[k:k + n], dim=0)[s.gold].double()
-        k += n
+    total = classification_loss(sums / counts, samples)
     return total, torch.tensor(float(len(samples)), device=total.device)
 
 

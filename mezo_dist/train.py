@@ -103,7 +103,11 @@ def build_objective(cfg: TrainConfig, state: DistState, tokenizer):
 
     t = cfg.task
     task = get_task(t.task_name)
-    train, dev, evals = task.sample_splits(t.num_train, t.num_dev, t.num_eval, t.train_set_seed,
+    # Zero-shot reads only the evaluation split; in-context learning also the training rows its
+    # demonstrations are drawn from; neither needs a dev set (nothing is selected).
+    num_train = t.num_train if not t.eval_only or t.num_demos else 0
+    num_dev = 0 if t.eval_only else t.num_dev
+    train, dev, evals = task.sample_splits(num_train, num_dev, t.num_eval, t.train_set_seed,
                                            data_dir=t.data_dir, template=t.template)
     if t.num_demos:
         # In-context learning: the same demonstrations, drawn from the train sample, before each example.

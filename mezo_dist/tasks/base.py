@@ -141,6 +141,12 @@ class Task:
         expand: turns one stored row into the rows ``build`` takes (MultiRC stores a paragraph
             with nested questions and answers; one sample is one answer option). Returning an
             empty list drops the row (e.g. SNLI pairs without a gold label).
+        num_dev: the dev sample size when ``--num_dev`` is not given: the paper's 500, or 100
+            for the tasks whose training split is small (CB: 250 rows, COPA: 400), as the
+            MeZO reference's ``mezo.sh`` sets it.
+        train_as_classification: the default training loss: cross-entropy over the candidates
+            for classification tasks, the gold answer's tokens for multiple choice and
+            generation (the reference's ``mezo.sh`` turns it off for COPA, ReCoRD, SQuAD, DROP).
     """
 
     name: str
@@ -153,6 +159,7 @@ class Task:
     default_template: str = "paper"
     eval_split: str = "validation"
     expand: Callable[[dict[str, Any]], list[dict[str, Any]]] | None = None
+    num_dev: int = 500
     _cache: dict[tuple[str, str], list[dict[str, Any]]] = field(default_factory=dict, init=False, repr=False,
                                                                 compare=False)
 
@@ -162,6 +169,10 @@ class Task:
         assert self.metric in METRICS, self.metric
         assert "paper" in self.templates and self.default_template in self.templates, self.name
         assert "train" in self.splits and self.eval_split in self.splits, self.name
+
+    @property
+    def train_as_classification(self) -> bool:
+        return self.kind == "classification"
 
     # ----------------------------------------------------------------------------------- loading
     def load(self, split: str, data_dir: str | Path | None = None) -> list[dict[str, Any]]:

@@ -154,7 +154,7 @@ TASKS: list[Task] = [
     Task(name="CB", kind="classification", metric="accuracy",
          templates=_paper(_cb_paper, 'Suppose <premise> Can we infer that "<hypothesis>"? Yes, No, or Maybe?\\n'
                                      " -> Yes/No/Maybe"),
-         hub=("super_glue", "cb"), splits=dict(_TRAIN_VAL), task_dir="cb"),
+         hub=("super_glue", "cb"), splits=dict(_TRAIN_VAL), task_dir="cb", num_dev=100),
     Task(name="BoolQ", kind="classification", metric="accuracy",
          templates=_paper(_boolq_paper, "<passage> <question>? -> No/Yes"),
          hub=("super_glue", "boolq"), splits=dict(_TRAIN_VAL), task_dir="boolq"),
@@ -172,7 +172,7 @@ TASKS: list[Task] = [
          hub=("super_glue", "multirc"), splits=dict(_TRAIN_VAL), task_dir="multirc", expand=_multirc_expand),
     Task(name="Copa", kind="multiple_choice", metric="accuracy",
          templates=_paper(_copa_paper, "<premise without period> because|so -> <choice1>/<choice2>"),
-         hub=("super_glue", "copa"), splits=dict(_TRAIN_VAL), task_dir="copa"),
+         hub=("super_glue", "copa"), splits=dict(_TRAIN_VAL), task_dir="copa", num_dev=100),
     Task(name="ReCoRD", kind="multiple_choice", metric="accuracy",
          templates=_paper(_record_paper, "<passage>\\n- -> <query with @placeholder = each entity>"),
          hub=("super_glue", "record"), splits=dict(_TRAIN_VAL), task_dir="record", expand=_record_expand),

@@ -1,35 +1,84 @@
 """The scoring path on 2-rank FSDP2 and 2-rank ZeRO-3 (every parameter partitioned, the tied
 head too) gives the reference's numbers of one process: candidate log-likelihoods and both
-training losses within 1e-5, the same predictions, and the same greedy answers."""
+training losses within 1e-5, the same predictions, and the same greedy answers.
+
+For a causal and a masked LM with SmolLM2's tokenizer, each rank scores its contiguous share of a
+global batch (single-token SST-2, multi-token COPA, and a batch whose halves differ: SST-2 on
+rank 0, COPA on rank 1), padded to the global batch's shape as training does. The causal LM also
+decodes SQuAD through ``evaluate_task`` (batched, cached, balanced across ranks).
+"""
 
 from __future__ import annotations
-
-import json
 
 import pytest
 import torch
 
 from mezo_dist.metrics_text import generation_scores
 from tests.distributed.test_equivalence import zero3_config
-from tests.distributed.workers.scoring_worker import MAX_LENGTH, cases
-from tests.helpers import launch
 from tests.scoring_cases import task_samples
 
-WORKER = "tests/distributed/workers/scoring_worker.py"
+MAX_LENGTH = 128
 
 
-@pytest.fixture(scope="module")
-def reports(bpe_models, real_data, tmp_path_factory) -> dict[str, dict]:
-    tmp = tmp_path_factory.mktemp("sharded_scoring")
+def cases(data_dir) -> dict:
+    sst2, copa = task_samples("SST2", data_dir, n=8), task_samples("Copa", data_dir, n=8)
+    return {"sst2": sst2, "copa": copa, "mixed": sst2[:4] + copa[:4]}
+
+
+def _score(placement, tokenizer, samples: list) -> dict:
+    import torch.distributed as dist
+
+    from mezo_dist.encoding import encoded_shape
+    from mezo_dist.scoring import candidate_logprobs, candidate_loss
+
+    rank, world = dist.get_rank(), dist.get_world_size()
+    n = len(samples) // world
+    share = samples[rank * n:(rank + 1) * n]
+    device = placement.state.device
     out = {}
-    for backend in ("fsdp", "zero3"):
-        path = tmp / f"{backend}.json"
-        args = [backend, str(bpe_models["llama"]), str(bpe_models["roberta"]), str(real_data), str(path)]
-        if backend == "zero3":
-            args.append(zero3_config(tmp, 0))
-        launch("torchrun", WORKER, args, timeout=420)
-        out[backend] = json.loads(path.read_text())
+    with torch.no_grad():
+        for name, as_cls in (("loss_classification", True), ("loss_gold_tokens", False)):
+            shape = encoded_shape(tokenizer, samples, as_classification=as_cls, max_length=MAX_LENGTH)
+            total, count = candidate_loss(placement.forward, tokenizer, share, device=device,
+                                          as_classification=as_cls, max_length=MAX_LENGTH, pad_to=shape)
+            t = torch.stack([total.double(), count.double()])
+            dist.all_reduce(t)
+            out[name] = (t[0] / t[1]).item()
+        mine = candidate_logprobs(placement.forward, tokenizer, share, device=device, batch_size=None,
+                                  max_length=MAX_LENGTH)
+    every = [None] * world
+    dist.all_gather_object(every, mine)
+    out["scores"] = [row for part in every for row in part]
     return out
+
+
+def sharded_scores(state, backend: str, models: dict[str, str], data_dir: str, ds_config: str | None) -> dict:
+    """On every rank of the pool: the scoring path's numbers on ``backend``."""
+    import torch.distributed as dist
+
+    from mezo_dist.config import ModelArguments
+    from mezo_dist.evaluate import evaluate_task
+    from mezo_dist.models import load_tokenizer
+    from mezo_dist.train import build_placement
+
+    report = {}
+    for name, path in models.items():
+        placement = build_placement(ModelArguments(model_name_or_path=path, torch_dtype="float32"), state,
+                                    backend=backend, ds_config=ds_config, micro_batch=1)
+        placement.eval()
+        tokenizer = load_tokenizer(path)
+        got = {case: _score(placement, tokenizer, samples) for case, samples in cases(data_dir).items()}
+        if name == "llama":
+            squad = task_samples("SQuAD", data_dir, n=5)  # 3 and 2 contexts: ranks decode unequal shares
+            preds: dict = {}
+            got["squad"] = evaluate_task(placement, tokenizer, squad, metric_prefix="squad", batch_size=2,
+                                         max_new_tokens=8, max_length=MAX_LENGTH, predictions=preds)
+            every = [None] * state.world_size
+            dist.all_gather_object(every, preds)
+            got["squad_predictions"] = {str(i): p for part in every for i, p in sorted(part.items())}
+        report[name] = got
+        del placement
+    return report
 
 
 @pytest.fixture(scope="module")
@@ -62,11 +111,14 @@ def expected(bpe_models, real_data) -> dict[str, dict]:
 
 
 @pytest.mark.parametrize("backend", ["fsdp", "zero3"])
-def test_sharded_scoring_matches_the_one_process_reference(backend, reports, expected):
-    report = reports[backend]
-    assert report["world_size"] == 2
+def test_sharded_scoring_matches_the_one_process_reference(backend, rank_pool, bpe_models, real_data, expected,
+                                                           tmp_path):
+    ds_config = zero3_config(tmp_path, 0) if backend == "zero3" else None
+    models = {name: str(bpe_models[name]) for name in ("llama", "roberta")}
+    reports = rank_pool.run(sharded_scores, backend, models, str(real_data), ds_config)
+    assert reports[0] == reports[1]  # gathered and all-reduced: every rank holds the same numbers
     for name in ("llama", "roberta"):
-        got, want = report["models"][name], expected[name]
+        got, want = reports[0][name], expected[name]
         for case in ("sst2", "copa", "mixed"):
             g, w = got[case], want[case]
             assert [len(r) for r in g["scores"]] == [len(r) for r in w["scores"]]
@@ -76,7 +128,7 @@ def test_sharded_scoring_matches_the_one_process_reference(backend, reports, exp
             assert argmax[0] == argmax[1], (name, case)
             for key in ("loss_classification", "loss_gold_tokens"):
                 assert abs(g[key] - w[key]) <= 1e-5, (name, case, key, g[key], w[key])
-    got, want = report["models"]["llama"], expected["llama"]
+    got, want = reports[0]["llama"], expected["llama"]
     assert got["squad_predictions"] == want["squad_predictions"]
     assert got["squad"]["squad_count"] == 5
     for key in ("f1", "exact_match"):
