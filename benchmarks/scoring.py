@@ -212,7 +212,8 @@ def markdown(result: dict) -> str:
         "|---|---|---|---|---|",
     ]
     for w in WAYS:
-        lines.append(f"| {names[w]} | {s[w]:.3f} | {two[w]:.3f} | {s[w] / two[w]:.2f}x | {s['reference'] / s[w]:.2f}x |")
+        lines.append(f"| {names[w]} | {s[w]:.3f} | {two[w]:.3f} | {s[w] / two[w]:.2f}x | "
+                     f"{s['reference'] / s[w]:.2f}x |")
     lines += [
         "",
         f"* One forward: {f['new']:.3f} s scoring one sequence per example with logits at the answer, "

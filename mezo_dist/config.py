@@ -100,7 +100,9 @@ class TaskArguments:
     non_diff: bool = field(default=False, metadata={"help": "Use the metric itself, negated, as the MeZO loss."})
     objective: str = field(default="accuracy", metadata={"help": "With --non_diff: accuracy or f1."})
     max_new_tokens: int = field(default=50, metadata={"help": "Generation length limit (SQuAD, DROP)."})
-    eval_batch_size: int = field(default=8, metadata={"help": "Sequences per forward when scoring."})
+    eval_batch_size: int = field(default=8, metadata={"help": "Sequences per forward when scoring (one per example whose "
+                                                            "candidates are single tokens, else one per candidate); "
+                                                            "contexts decoded together when generating."})
 
 
 # The embedded default (no --task_name, no --train_file): chosen so that a 2-core CPU shows a

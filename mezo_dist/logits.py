@@ -83,6 +83,6 @@ def kept_logits(forward: Forward, input_ids: torch.Tensor, attention_mask: torch
     logits = out.logits if hasattr(out, "logits") else out[0]
     want = tuple(positions.shape) if isinstance(positions, torch.Tensor) else (input_ids.shape[0], positions)
     if tuple(logits.shape[:2]) != want:
-        raise ValueError(f"the model returned logits of shape {tuple(logits.shape)} for logits_to_keep of shape {want}; "
-                         "its forward does not select positions per row as transformers' causal LMs do")
+        raise ValueError(f"the model returned logits of shape {tuple(logits.shape)} for logits_to_keep of shape "
+                         f"{want}; its forward does not select positions per row as transformers' causal LMs do")
     return logits

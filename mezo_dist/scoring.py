@@ -39,7 +39,8 @@ DEMO_SEPARATOR = "\n\n"
 
 # ----------------------------------------------------------------------------------------- scoring
 def continuation_logprobs(forward: Forward, tokenizer, enc: Encoded, *, device: torch.device | str,
-                          batch_size: int | None, pad_to: BatchShape | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                          batch_size: int | None,
+                          pad_to: BatchShape | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Per continuation of ``enc``: the summed log-probability of its tokens, and their count.
 
     Args:

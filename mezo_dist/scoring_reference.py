@@ -80,8 +80,8 @@ def candidate_logprobs(forward: Forward, tokenizer, samples: Sequence[Sample], *
                        batch_size: int = 8, max_length: int | None = None) -> list[list[float]]:
     """``scores[i][j]``: mean log p(candidate j's tokens | context) of sample i."""
     with torch.no_grad():
-        sums, counts = token_logprob_sums(forward, tokenizer, _encode_pairs(tokenizer, _pairs(samples, True), max_length),
-                                          device=device, batch_size=batch_size)
+        seqs = _encode_pairs(tokenizer, _pairs(samples, True), max_length)
+        sums, counts = token_logprob_sums(forward, tokenizer, seqs, device=device, batch_size=batch_size)
     return per_sample((sums / counts).tolist(), samples)
 
 
