@@ -122,26 +122,19 @@ def measure_steps(args, placement, tokenizer, train) -> dict:
         "reference": lambda t: reference_step(params, reference_loss(t), seed=args.seed * 1000 + t, lr=args.lr,
                                               eps=args.eps, weight_decay=0.0),
     }
-    times = {w: [] for w in WAYS}
-    # The ways take turns, step by step, so that a drift of the machine's speed hits all alike.
-    for t in range(args.warmup + args.steps):
-        for w in WAYS:
-            t0 = time.perf_counter()
-            run[w](t)
-            if t >= args.warmup:
-                times[w].append(time.perf_counter() - t0)
-        if t >= args.warmup:
-            print(f"step {t}: " + ", ".join(f"{w} {times[w][-1]:.2f}s" for w in WAYS), flush=True)
 
     # One forward of each scoring way, on the same batches.
-    def forward(way: str, step: int):
+    def forward(way: str, step: int) -> float:
         fn = candidate_loss if way == "new" else ref.candidate_loss
         with torch.no_grad():
             total, count = fn(placement.forward, tokenizer, batch(step), device=device, as_classification=True)
         return total.item() / count.item()
 
+    times = {w: [] for w in WAYS}
     fwd = {"new": [], "old": []}
     diffs = []
+    # Steps and forwards take turns, batch by batch, so that a drift of the machine's speed hits
+    # every way alike.
     for t in range(args.warmup + args.steps):
         got = {}
         for way in fwd:
@@ -150,6 +143,14 @@ def measure_steps(args, placement, tokenizer, train) -> dict:
             if t >= args.warmup:
                 fwd[way].append(time.perf_counter() - t0)
         diffs.append(abs(got["new"] - got["old"]))
+        for w in WAYS:
+            t0 = time.perf_counter()
+            run[w](t)
+            if t >= args.warmup:
+                times[w].append(time.perf_counter() - t0)
+        if t >= args.warmup:
+            print(f"step {t}: forwards new {fwd['new'][-1]:.2f}s, old {fwd['old'][-1]:.2f}s; steps "
+                  + ", ".join(f"{w} {times[w][-1]:.2f}s" for w in WAYS), flush=True)
     return {"step_s": {w: statistics.median(v) for w, v in times.items()}, "step_times": times,
             "forward_s": {w: statistics.median(v) for w, v in fwd.items()}, "forward_times": fwd,
             "loss_max_abs_diff": max(diffs)}
@@ -206,7 +207,8 @@ def markdown(result: dict) -> str:
         "",
         f"Machine: {meta['machine']}, {meta['threads']} threads; load average at start "
         f"{' / '.join(f'{x:.2f}' for x in meta['loadavg_start'])}. Medians of {meta['steps']} steps after "
-        f"{meta['warmup']} warm-up, the ways taking turns step by step.",
+        f"{meta['warmup']} warm-up, the ways (and their forwards) taking turns batch by batch; load average "
+        f"at the end {' / '.join(f'{x:.2f}' for x in meta['loadavg_end'])}.",
         "",
         "| way | MeZO step (s) | two forwards (s) | step / two forwards | reference step / this step |",
         "|---|---|---|---|---|",
@@ -297,7 +299,7 @@ def main() -> None:
     squad = measure_squad(args, placement.module, tokenizer)
     result = {
         "meta": {"model": Path(args.model_name_or_path).name, "machine": machine(), "threads": torch.get_num_threads(),
-                 "loadavg_start": loadavg, "batch": args.batch, "steps": args.steps, "warmup": args.warmup,
+                 "loadavg_start": loadavg, "loadavg_end": list(os.getloadavg()), "batch": args.batch, "steps": args.steps, "warmup": args.warmup,
                  "task": "SST2", "template": "paper", "train_as_classification": True, "lr": args.lr, "eps": args.eps},
         "steps": steps,
         "speedup_vs_reference": steps["step_s"]["reference"] / steps["step_s"]["project"],
