@@ -247,3 +247,30 @@ def test_generation_refuses_what_it_refused_before(models):
     gen = Sample(context="Q?\nAnswer:", candidates=[], gold=-1, answers=["x"])
     with pytest.raises(ValueError, match="no candidates"):
         scoring.candidate_logprobs(model, tok, [gen], device="cpu")
+
+
+def test_non_differentiable_f1_objective_decodes_as_the_reference(bpe_models, real_data):
+    # --non_diff --objective f1: minus the summed F1 of greedy answers, decoded batched and cached.
+    # The gold answers are set to the reference's own answers, so each one decoded alike scores 1.
+    import dataclasses
+
+    from mezo_dist import wrap
+    from mezo_dist.distributed import DistState
+    from mezo_dist.metrics_text import f1
+    from mezo_dist.models import load_pretrained, load_tokenizer
+    from mezo_dist.objectives import TaskObjective
+
+    path = str(bpe_models["llama"])
+    model, tok = load_pretrained(path, dtype=torch.float32).eval(), load_tokenizer(path)
+    state = DistState(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"), backend="")
+    samples = task_samples("SQuAD", real_data, n=4) + task_samples("DROP", real_data, n=2)
+    texts = [t for _, t in ref.greedy_generate(model, tok, [s.context for s in samples], device="cpu",
+                                               max_new_tokens=6, max_length=MAX_LENGTH)]
+    samples = [dataclasses.replace(s, answers=[t]) for s, t in zip(samples, texts)]
+    assert sum(f1(t, [t]) for t in texts) == len(samples)
+    objective = TaskObjective(samples, tok, micro_batch=len(samples), rank=0, world_size=1, seed=0,
+                              device=torch.device("cpu"), as_classification=False, non_diff="f1",
+                              max_length=MAX_LENGTH, max_new_tokens=6)
+    with torch.no_grad():
+        loss, count = objective.closure(wrap(model, state), 0)[0]()
+    assert count.item() == len(samples) and loss.item() == -len(samples)
