@@ -299,8 +299,9 @@ def main() -> None:
     squad = measure_squad(args, placement.module, tokenizer)
     result = {
         "meta": {"model": Path(args.model_name_or_path).name, "machine": machine(), "threads": torch.get_num_threads(),
-                 "loadavg_start": loadavg, "loadavg_end": list(os.getloadavg()), "batch": args.batch, "steps": args.steps, "warmup": args.warmup,
-                 "task": "SST2", "template": "paper", "train_as_classification": True, "lr": args.lr, "eps": args.eps},
+                 "loadavg_start": loadavg, "loadavg_end": list(os.getloadavg()), "batch": args.batch,
+                 "steps": args.steps, "warmup": args.warmup, "task": "SST2", "template": "paper",
+                 "train_as_classification": True, "lr": args.lr, "eps": args.eps},
         "steps": steps,
         "speedup_vs_reference": steps["step_s"]["reference"] / steps["step_s"]["project"],
         "squad": squad,
