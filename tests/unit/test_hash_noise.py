@@ -166,7 +166,7 @@ def test_a_failed_compile_names_the_way_out(monkeypatch):
     from torch._dynamo.exc import BackendCompilerFailed
 
     def broken(*_args):
-        raise BackendCompilerFailed(lambda: None, RuntimeError("no C++ compiler"))
+        raise BackendCompilerFailed(lambda: None, RuntimeError("no C++ compiler"), None)
 
     monkeypatch.setattr(compiled, "_COMPILED", broken)
     with pytest.raises(TrainingError, match="--zo_kernel blocks") as info:
