@@ -132,9 +132,10 @@ class ZOArguments:
     )
     zo_kernel: str = field(
         default="auto",
-        metadata={"help": "How z is drawn and applied: auto (the fused Triton pass on CUDA when triton is installed, "
-                  "else blocks), blocks (the counter-based CPU/GPU block stream) or triton (needs CUDA, or "
-                  "TRITON_INTERPRET=1). The two streams differ; a run replays on the one it used."},
+        metadata={"help": "How z is drawn and applied: auto (= compiled, on every device), compiled (z a hash of "
+                  "each element's index, drawn and applied by one torch.compile kernel; needs a C++ compiler on CPU, "
+                  "triton on CUDA), blocks (the first release's block stream, no compiler) or triton (Philox; needs "
+                  "CUDA, or TRITON_INTERPRET=1). The three streams differ; a run replays on the one it used."},
     )
     precision: Optional[str] = field(
         default=None,
