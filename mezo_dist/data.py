@@ -36,10 +36,21 @@ def read_jsonl(path: str | Path, *, field: str = "text") -> list[str]:
             raise ConfigError(f"train file {path} is not JSON Lines: line {n} is not a JSON object") from None
         if not isinstance(row, dict) or not isinstance(row.get(field), str):
             raise ConfigError(f'train file {path} line {n} has no string "{field}" field')
+        check_encodable(row[field], where=f"train file {path} line {n}")
         texts.append(row[field])
     if not texts:
         raise ConfigError(f"train file {path} is empty")
     return texts
+
+
+def check_encodable(value, *, where: str) -> None:
+    """Refuse text that cannot be encoded as UTF-8 (JSON's "\\ud800" escapes decode to lone
+    surrogates, which no tokenizer takes), anywhere inside ``value``."""
+    try:
+        json.dumps(value, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError as e:
+        bad = e.object[e.start : e.end].encode("unicode_escape").decode()
+        raise ConfigError(f"{where} holds a lone surrogate ({bad}), which is not text") from None
 
 
 def file_digest(path: str | Path) -> str:
