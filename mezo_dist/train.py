@@ -237,6 +237,7 @@ def _loop(cfg, state, placement, zo, objective, evaluator, logger, start, skippe
     run, fields = cfg.run, resume_fields(cfg)
     for step in range(start, run.max_steps):
         faults.maybe_kill(state.rank, step)
+        faults.maybe_stall(state.rank, step)
         t0 = time.perf_counter()
         if isinstance(zo, MeZO):
             closure, units = objective.closure(placement, step)
