@@ -92,6 +92,30 @@ def inside(folder: str | Path, name: Any, *, what: str) -> Path:
     return Path(folder) / name
 
 
+def json_lines(path: str | Path, *, what: str, cut_last: bool = False) -> list[tuple[int, Any]]:
+    """(line number, parsed value) of each non-blank line of a JSON Lines file, as one-line
+    ConfigErrors naming ``what`` and ``path`` when it is not UTF-8 text or a line is not JSON.
+
+    Args:
+        cut_last: drop a last line that does not parse (one a crash cut short) instead.
+    """
+    try:
+        lines = Path(path).read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{what} {path} is not readable UTF-8 text: {e}") from None
+    out = []
+    for n, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            out.append((n, json.loads(line)))
+        except json.JSONDecodeError:
+            if cut_last and n == len(lines):
+                break
+            raise ConfigError(f"{what} {path} is not JSON Lines: line {n} is not JSON") from None
+    return out
+
+
 def sha256_file(path: str | Path, *, block: int = 1 << 22) -> str:
     """sha256 of a file's bytes, read in blocks (never the whole file in memory)."""
     h = hashlib.sha256()

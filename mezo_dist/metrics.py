@@ -19,6 +19,7 @@ import torch.distributed as dist
 from mezo_dist.distributed import DistState
 from mezo_dist.errors import ConfigError
 from mezo_dist.io import atomic_write_text  # noqa: F401  (also imported from here by the benchmarks)
+from mezo_dist.io import json_lines
 
 
 def peak_memory_bytes(device: torch.device) -> int:
@@ -130,20 +131,8 @@ def trajectory_before(path: Path, start_step: int) -> list[str]:
     that does not fit is a ConfigError (checked before a resumed run starts, by every rank)."""
     if start_step <= 0 or not path.exists():
         return []
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as e:
-        raise ConfigError(f"trajectory {path} is not readable UTF-8 text: {e}") from None
     kept: list[str] = []
-    for n, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            if n == len(lines):
-                break  # the line the crash cut short
-            raise ConfigError(f"trajectory {path} line {n} is not JSON") from None
+    for n, row in json_lines(path, what="trajectory", cut_last=True):
         step = row.get("step") if isinstance(row, dict) else None
         if not isinstance(step, int) or isinstance(step, bool):
             raise ConfigError(f"trajectory {path} line {n} has no integer step (got {step!r})")
@@ -151,5 +140,5 @@ def trajectory_before(path: Path, start_step: int) -> list[str]:
             break
         if step != len(kept):
             raise ConfigError(f"trajectory {path} line {n} is step {step}, expected {len(kept)}")
-        kept.append(line + "\n")
+        kept.append(json.dumps(row) + "\n")
     return kept

@@ -7,7 +7,6 @@ world size and backend (the noise is layout-invariant).
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,6 +14,7 @@ from typing import Any, Optional
 
 from mezo_dist.config import BACKENDS, ModelArguments, parse_into, read_ds_config
 from mezo_dist.errors import ConfigError
+from mezo_dist.io import json_lines
 
 
 @dataclass
@@ -35,13 +35,7 @@ def read_trajectory(path: str | Path) -> list[dict[str, Any]]:
     if not p.is_file():
         raise ConfigError(f"trajectory {path} does not exist")
     rows = []
-    for n, line in enumerate(p.read_text(encoding="utf-8").splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            raise ConfigError(f"trajectory {path} line {n} is not JSON") from None
+    for n, row in json_lines(p, what="trajectory"):
         if not isinstance(row, dict):
             raise ConfigError(f"trajectory {path} line {n} is not a JSON object")
         missing = {"step", "seed", "projected_grad", "lr", "eps", "wd"} - set(row)

@@ -7,7 +7,6 @@ of its prompt *templates*, and how the MeZO paper draws its train/dev/eval sets.
 
 from __future__ import annotations
 
-import json
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -128,20 +127,10 @@ def first_field(row: dict[str, Any], *names: str) -> Any:
 def read_jsonl_rows(path: Path, *, task: str) -> list[dict[str, Any]]:
     """Read a JSON Lines file whose every non-blank line is a JSON object of UTF-8 text."""
     from mezo_dist.data import check_encodable
+    from mezo_dist.io import json_lines
 
     rows: list[dict[str, Any]] = []
-    try:
-        with open(path, encoding="utf-8") as f:
-            lines = f.read().splitlines()
-    except (OSError, UnicodeDecodeError) as e:
-        raise ConfigError(f"task {task}: {path} is not readable UTF-8 text: {e}") from None
-    for n, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            raise ConfigError(f"task {task}: {path} line {n} is not valid JSON") from None
+    for n, row in json_lines(path, what=f"task {task}:"):
         if not isinstance(row, dict):
             raise ConfigError(f"task {task}: {path} line {n} is not a JSON object")
         check_encodable(row, where=f"task {task}: {path} line {n}")
