@@ -314,16 +314,50 @@ def validate(cfg: TrainConfig) -> None:
                               f"but only {', '.join(FILLED_OPTIMIZER_PARAMS)} are filled from the flags")
     elif run.ds_config is not None:
         raise ConfigError(f"--ds_config is for the zero3 backend, not {run.backend}")
+    validate_magnitudes(cfg)
+    if cfg.task.non_diff and cfg.data.train_file is not None and cfg.task.task_name is None:
+        raise ConfigError("--non_diff optimises a task's metric; --train_file trains on the text loss (pass --task_name)")
     resolve_defaults(cfg)
     validate_task(cfg)
-    from mezo_dist.data import read_jsonl
-    from mezo_dist.models import check_model_path
+    from mezo_dist import preflight
 
-    if cfg.data.train_file is not None:
-        read_jsonl(cfg.data.train_file)
-    check_model_path(cfg.model.model_name_or_path)
+    preflight.check_inputs(cfg)
     check_masked_lm(cfg)
-    check_output_dir(cfg)
+    preflight.check_output_dir(cfg)
+
+
+# |z| of a Gaussian draw stays below this (P(|z| > 8) is about 1e-15 per element).
+Z_BOUND = 8.0
+TEXT_MAX_LENGTH = 128  # --max_length of --train_file text when not given
+
+
+def validate_magnitudes(cfg: TrainConfig) -> None:
+    """Finite values that still cannot work in the dtypes of the run (pure: flags only)."""
+    import torch
+
+    zo = cfg.zo
+    values = torch.finfo(getattr(torch, cfg.model.torch_dtype))
+    compute = torch.finfo(getattr(torch, PRECISIONS.get(zo.precision or "fp32", "float32")))
+    top = min(values.max, compute.max)
+    if zo.zo_eps * Z_BOUND > top:
+        raise ConfigError(f"--zo_eps {zo.zo_eps:g} is too large: theta + eps * z (|z| up to about {Z_BOUND:g}) "
+                          f"overflows the run's dtypes (largest value {top:.3g})")
+    if zo.zo_eps < values.tiny:
+        raise ConfigError(f"--zo_eps {zo.zo_eps:g} is too small: below {values.tiny:.3g}, the smallest normal "
+                          f"{cfg.model.torch_dtype} value, the perturbation vanishes")
+    for flag in ("learning_rate", "weight_decay"):
+        if getattr(zo, flag) > values.max:
+            raise ConfigError(f"--{flag} {getattr(zo, flag):g} does not fit {cfg.model.torch_dtype} "
+                              f"(largest value {values.max:.3g})")
+
+
+def validate_max_length(cfg: TrainConfig, positions: int | None) -> None:
+    """--max_length (or the text default) within the model's ``positions`` (pure)."""
+    want = cfg.data.max_length or (TEXT_MAX_LENGTH if cfg.data.train_file is not None else None)
+    if positions is not None and want is not None and want > positions:
+        given = "" if cfg.data.max_length else " (the default for --train_file text)"
+        raise ConfigError(f"--max_length {want}{given} exceeds the {positions} positions of "
+                          f"{cfg.model.model_name_or_path}; pass --max_length {positions} or less")
 
 
 PRECISIONS = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
@@ -454,35 +488,6 @@ def resume_fields(cfg: TrainConfig) -> dict[str, Any]:
     return fields
 
 
-def check_output_dir(cfg: TrainConfig) -> None:
-    """Resolve --resume_from_checkpoint and refuse to clobber a previous run's outputs."""
-    from mezo_dist.checkpoint import list_checkpoints, read_checkpoint_meta
-
-    run = cfg.run
-    out = Path(run.output_dir)
-    if run.resume_from_checkpoint == "latest":
-        found = list_checkpoints(out)
-        run.resume_from_checkpoint = str(found[-1]) if found else None
-        if run.resume_from_checkpoint is None:
-            return  # nothing to resume yet: start fresh (the first attempt of a restartable job)
-    if run.resume_from_checkpoint is not None:
-        _, state = read_checkpoint_meta(run.resume_from_checkpoint)
-        saved, now = state.get("run", {}), resume_fields(cfg)
-        for key, value in now.items():
-            if key in saved and saved[key] != value:
-                raise ConfigError(
-                    f"checkpoint {run.resume_from_checkpoint} was written with {key}={saved[key]!r}; this run has {value!r}"
-                )
-        if state["step"] > run.max_steps:
-            raise ConfigError(f"checkpoint {run.resume_from_checkpoint} is at step {state['step']}, past --max_steps {run.max_steps}")
-        return
-    previous = (out / "trajectory.jsonl").exists() or bool(list_checkpoints(out))
-    if previous and not run.overwrite_output_dir:
-        raise ConfigError(
-            f"output_dir {out} already holds a run; pass --resume_from_checkpoint latest or --overwrite_output_dir"
-        )
-
-
 def resolve_defaults(cfg: TrainConfig) -> None:
     """Point the embedded defaults at their cached copies, preparing them on first use."""
     from dataclasses import fields as dc_fields
@@ -549,6 +554,14 @@ def read_ds_config(path: str | None, *, with_optimizer: bool = False) -> dict[st
         raise ConfigError(f"ds_config {path} is not readable JSON: {e}") from None
     if not isinstance(cfg, dict):
         raise ConfigError(f"ds_config {path} must hold a JSON object")
+    for section in ("zero_optimization", "optimizer", "bf16", "fp16"):
+        if not isinstance(cfg.get(section, {}), dict):
+            raise ConfigError(f"ds_config {path}: {section} must be an object, got {cfg[section]!r}")
+    for section in ("offload_param", "offload_optimizer"):
+        if not isinstance(cfg.get("zero_optimization", {}).get(section) or {}, dict):
+            raise ConfigError(f"ds_config {path}: zero_optimization.{section} must be an object")
+    if not isinstance(cfg.get("optimizer", {}).get("params", {}), dict):
+        raise ConfigError(f"ds_config {path}: optimizer.params must be an object")
     stage = cfg.get("zero_optimization", {}).get("stage")
     if stage != 3:
         raise ConfigError(f"ds_config {path} has ZeRO stage {stage}; the zero3 backend needs stage 3")

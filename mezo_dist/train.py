@@ -8,12 +8,14 @@ from typing import Any
 
 from mezo_dist import faults
 from mezo_dist.checkpoint import load_checkpoint, rotate_checkpoints, save_checkpoint
-from mezo_dist.config import BackpropArguments, ModelArguments, TrainConfig, read_ds_config, resume_fields
+from mezo_dist.config import (
+    TEXT_MAX_LENGTH, BackpropArguments, ModelArguments, TrainConfig, read_ds_config, resume_fields,
+)
 from mezo_dist.distributed import DistState
 from mezo_dist.errors import TrainingError
 from mezo_dist.export import save_pretrained
 from mezo_dist.metrics import RunLogger
-from mezo_dist.models import DTYPES, load_config, load_tokenizer
+from mezo_dist.models import DTYPES, load_config, load_tokenizer, max_positions
 from mezo_dist.placement.base import Placement
 from mezo_dist.replicas import check_replicas
 from mezo_dist.schedule import lr_schedule
@@ -93,7 +95,7 @@ def build_objective(cfg: TrainConfig, state: DistState, tokenizer):
     if cfg.data.train_file is not None:
         from mezo_dist.data import TextBatches, TokenizedText, read_jsonl
 
-        data = TokenizedText.build(read_jsonl(cfg.data.train_file), tokenizer, cfg.data.max_length or 128)
+        data = TokenizedText.build(read_jsonl(cfg.data.train_file), tokenizer, cfg.data.max_length or TEXT_MAX_LENGTH)
         accum = run.gradient_accumulation_steps
         batches = TextBatches(data, micro_batch=run.per_device_train_batch_size * accum, rank=state.rank,
                               world_size=state.world_size, seed=run.seed)
@@ -115,10 +117,8 @@ def build_objective(cfg: TrainConfig, state: DistState, tokenizer):
         dev = [with_demonstrations(s, demos) for s in dev]
         evals = [with_demonstrations(s, demos) for s in evals]
     # Prompts longer than the model's positions are cut from the left (scoring keeps the answer).
-    max_length = cfg.data.max_length or getattr(
-        load_config(cfg.model.model_name_or_path, trust_remote_code=cfg.model.trust_remote_code),
-        "max_position_embeddings", None,
-    )
+    max_length = cfg.data.max_length or max_positions(
+        load_config(cfg.model.model_name_or_path, trust_remote_code=cfg.model.trust_remote_code))
     objective = TaskObjective(
         train, tokenizer, micro_batch=run.per_device_train_batch_size, rank=state.rank,
         world_size=state.world_size, seed=run.seed, device=state.device,
@@ -237,6 +237,7 @@ def _loop(cfg, state, placement, zo, objective, evaluator, logger, start, skippe
     run, fields = cfg.run, resume_fields(cfg)
     for step in range(start, run.max_steps):
         faults.maybe_kill(state.rank, step)
+        faults.maybe_stall(state.rank, step)
         t0 = time.perf_counter()
         if isinstance(zo, MeZO):
             closure, units = objective.closure(placement, step)

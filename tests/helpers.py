@@ -53,6 +53,30 @@ def run_cmd(cmd: list[str], *, timeout: int = 600, check: bool = True, **env: st
     return proc
 
 
+def start_cmd(cmd: list[str], **env: str) -> subprocess.Popen:
+    """Start ``cmd`` without waiting (its own session, as in :func:`run_cmd`), for tests that
+    signal it while it runs."""
+    return subprocess.Popen(cmd, cwd=ROOT, env=launch_env(**env), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True)
+
+
+def rank_pids(launcher_pid: int) -> dict[int, int]:
+    """{rank: pid} of the processes under ``launcher_pid`` whose environment names a RANK."""
+    found, todo = {}, [launcher_pid]
+    while todo:
+        pid = todo.pop(0)  # breadth first: a rank before the helpers it starts
+        try:
+            children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+            environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        todo += [int(c) for c in children]
+        rank = [e[5:] for e in environ if e.startswith(b"RANK=")]
+        if rank and pid != launcher_pid:
+            found.setdefault(int(rank[0]), pid)
+    return found
+
+
 LAUNCHERS = {
     "python": lambda port: [sys.executable],
     "torchrun": lambda port: [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
