@@ -1,14 +1,40 @@
-"""What several benchmarks share: real sentences as training text, TensorBoard scalars of a run,
-a free port for a launcher, and the backprop ds_config with torch's AdamW."""
+"""What several benchmarks share: the machine's description, real sentences as training text,
+TensorBoard scalars of a run, a free port for a launcher, and the backprop ds_config with torch's
+AdamW."""
 
 from __future__ import annotations
 
 import json
 import os
+import platform
 import socket
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+def machine() -> str:
+    """Architecture, the cores this process may use, torch, and the GPU if there is one."""
+    import torch
+
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cores = os.cpu_count() or 1
+    text = f"{platform.machine()}, {cores} CPU cores, torch {torch.__version__}"
+    if torch.cuda.is_available():
+        text += f", {torch.cuda.get_device_name()}"
+    return text
+
+
+def save_figure(fig, path: Path, *, dpi: int = 110) -> None:
+    """Write a matplotlib figure atomically (a reader never sees half a PNG) and close it."""
+    import matplotlib.pyplot as plt
+
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}.png")
+    fig.savefig(tmp, dpi=dpi)
+    plt.close(fig)
+    os.replace(tmp, path)
 
 
 def data_dir() -> Path:

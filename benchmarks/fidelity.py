@@ -50,7 +50,6 @@ import argparse
 import json
 import math
 import os
-import platform
 import re
 import subprocess
 import sys
@@ -62,6 +61,8 @@ from typing import Any, Callable
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from benchmarks.common import machine, save_figure  # noqa: E402
 
 TRAIN = ROOT / "launch" / "train.py"
 DEFAULT_DATA = Path(os.environ.get("MEZO_DIST_DATA", ROOT.parent / "shared" / "data"))
@@ -429,10 +430,7 @@ def plot(rows: list[dict], meta: dict, path: Path) -> None:
     ax.set_title(f"Learning curves: {meta['model']} (star: best dev step)", fontsize=10)
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}.png")
-    fig.savefig(tmp, dpi=120)
-    plt.close(fig)
-    os.replace(tmp, path)
+    save_figure(fig, path, dpi=120)
 
 
 def write_all(out: Path, name: str, rows: list[dict], meta: dict, methods: list[str], args) -> None:
@@ -442,19 +440,6 @@ def write_all(out: Path, name: str, rows: list[dict], meta: dict, methods: list[
     atomic_write_text(out / f"{name}.json", json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
     atomic_write_text(out / f"{name}.md", markdown(rows, meta, methods, args))
     plot(rows, meta, out / f"{name}.png")
-
-
-def machine() -> str:
-    import torch
-
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        cores = os.cpu_count() or 1
-    text = f"{platform.machine()}, {cores} CPU cores, torch {torch.__version__}"
-    if torch.cuda.is_available():
-        text += f", {torch.cuda.get_device_name()}"
-    return text
 
 
 def model_label(name: str) -> str:

@@ -50,7 +50,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from benchmarks.common import adamw_torch_config, free_port, read_scalars, write_text_data  # noqa: E402
+from benchmarks.common import adamw_torch_config, free_port, read_scalars, save_figure, write_text_data  # noqa: E402
 
 # name -> (trainer, extra flags)
 METHODS = {
@@ -299,10 +299,7 @@ def chart(cells: list[dict], path: Path, meta: dict) -> None:
     fig.suptitle(f"{meta['model_desc']}, {meta['batch']} x {meta['max_length']} tokens per rank "
                  "(labels: x inference)", fontsize=10)
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    os.replace(tmp, path)
+    save_figure(fig, path, dpi=110)
 
 
 def main() -> None:

@@ -100,7 +100,9 @@ class TaskArguments:
     non_diff: bool = field(default=False, metadata={"help": "Use the metric itself, negated, as the MeZO loss."})
     objective: str = field(default="accuracy", metadata={"help": "With --non_diff: accuracy or f1."})
     max_new_tokens: int = field(default=50, metadata={"help": "Generation length limit (SQuAD, DROP)."})
-    eval_batch_size: int = field(default=8, metadata={"help": "Sequences per forward when scoring."})
+    eval_batch_size: int = field(default=8, metadata={"help": "Sequences per forward when scoring (one per example whose "
+                                                            "candidates are single tokens, else one per candidate); "
+                                                            "contexts decoded together when generating."})
 
 
 # The embedded default (no --task_name, no --train_file): chosen so that a 2-core CPU shows a
@@ -130,9 +132,10 @@ class ZOArguments:
     )
     zo_kernel: str = field(
         default="auto",
-        metadata={"help": "How z is drawn and applied: auto (the fused Triton pass on CUDA when triton is installed, "
-                  "else blocks), blocks (the counter-based CPU/GPU block stream) or triton (needs CUDA, or "
-                  "TRITON_INTERPRET=1). The two streams differ; a run replays on the one it used."},
+        metadata={"help": "How z is drawn and applied: auto (= compiled, on every device), compiled (z a hash of "
+                  "each element's index, drawn and applied by one torch.compile kernel; needs a C++ compiler on CPU, "
+                  "triton on CUDA), blocks (the first release's block stream, no compiler) or triton (Philox; needs "
+                  "CUDA, or TRITON_INTERPRET=1). The three streams differ; a run replays on the one it used."},
     )
     precision: Optional[str] = field(
         default=None,

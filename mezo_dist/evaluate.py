@@ -21,7 +21,9 @@ import torch.distributed as dist
 from mezo_dist.errors import ConfigError
 from mezo_dist.metrics_text import exact_match, f1
 from mezo_dist.placement.base import Placement
-from mezo_dist.scoring import _encode_pairs, greedy_generate, predict
+from mezo_dist.encoding import candidate_groups, encode_groups, prompt_ids
+from mezo_dist.generation import greedy_generate, supports_kv_cache
+from mezo_dist.scoring import predict
 from mezo_dist.tasks.base import Sample
 
 
@@ -112,7 +114,9 @@ def evaluate_task(
     samples give ``{prefix}_accuracy`` (``Sample.is_correct``, so ReCoRD's alternatives count);
     generation samples (no candidates) give ``{prefix}_f1`` and ``{prefix}_exact_match`` from
     greedy decoding; both add ``{prefix}_count``, the number of samples. Arguments as in
-    :func:`mezo_dist.scoring.evaluate`; ``batch_size`` counts sample x candidate sequences.
+    :func:`mezo_dist.scoring.evaluate`; ``batch_size`` counts the sequences of a forward (one
+    per sample whose candidates are single tokens, else one per candidate; one per context when
+    decoding).
 
     Args:
         predictions: if given, filled with this rank's predictions by index in ``samples``
@@ -129,9 +133,10 @@ def evaluate_task(
         # Encode every sample on every rank first: a sample the helpers refuse (a candidate that
         # does not fit max_length) must stop all ranks together, not one rank while the others
         # wait inside a forward's parameter gather.
-        _encode_pairs(tokenizer, [(s.context, c) for s in samples for c in s.candidates], max_length)
-    if generation and max_length is not None and max_length <= max_new_tokens:
-        raise ConfigError(f"max_length={max_length} leaves no room for the prompt and {max_new_tokens} new tokens")
+        encode_groups(tokenizer, candidate_groups(samples), max_length)
+    else:
+        for s in samples:
+            prompt_ids(tokenizer, s.context, max_new_tokens=max_new_tokens, max_length=max_length)
 
     state = placement.state
     world = _world(placement)
@@ -145,7 +150,8 @@ def evaluate_task(
     with torch.no_grad():
         if generation:
             preds: list[Any] = greedy_generate(forward, tokenizer, [s.context for s in share], device=state.device,
-                                               max_new_tokens=max_new_tokens, max_length=max_length)
+                                               max_new_tokens=max_new_tokens, max_length=max_length,
+                                               batch_size=batch_size, use_cache=supports_kv_cache(placement.module))
             for s, p in zip(share, preds):
                 f1_sum += f1(p, s.answers)
                 em_sum += exact_match(p, s.answers)

@@ -138,7 +138,7 @@ class TaskObjective:
 
     def micro_batches(self, placement: Placement, step: int) -> tuple[list[MicroBatch], int]:
         """(this rank's micro-batches of step ``step``, examples in the global batch)."""
-        from mezo_dist.scoring import encoded_width, target_token_count
+        from mezo_dist.encoding import encoded_shape, target_token_count
 
         mine = [self.samples[i] for i in self.order.local_indices(step)]
         chunks = [mine[lo:hi] for lo, hi in _split_rows(len(mine), self.accumulation)]
@@ -146,14 +146,15 @@ class TaskObjective:
         if self.non_diff:
             return [MicroBatch(loss=lambda c=c: self._negated_metric(placement, c), weight=float(len(c)))
                     for c in chunks], units
-        # Every micro-batch is padded to the global batch's longest sequence: one process would.
-        width = encoded_width(self.tokenizer, [self.samples[i] for i in self.order.global_indices(step)],
+        # Every micro-batch is padded to the global batch's shape (longest sequence, most logit
+        # positions read): the forward one process would run.
+        shape = encoded_shape(self.tokenizer, [self.samples[i] for i in self.order.global_indices(step)],
                               as_classification=self.as_classification, max_length=self.max_length)
         out = []
         for c in chunks:
             weight = float(len(c)) if self.as_classification else float(
                 target_token_count(self.tokenizer, c, max_length=self.max_length))
-            out.append(MicroBatch(loss=lambda c=c: self._loss(placement, c, width), weight=weight))
+            out.append(MicroBatch(loss=lambda c=c: self._loss(placement, c, shape), weight=weight))
         return out, units
 
     def closure(self, placement: Placement, step: int) -> tuple[Closure, int]:
@@ -162,18 +163,19 @@ class TaskObjective:
         fn = summed(micro)
         return (_poisoned(fn) if step in faults.nan_steps() else fn), units
 
-    def _loss(self, placement: Placement, mine: list[Sample], width: int):
+    def _loss(self, placement: Placement, mine: list[Sample], shape):
         from mezo_dist.scoring import candidate_loss
 
         # One forward call per rank (batch_size=None): sharded engines need equal call counts.
         total, count = candidate_loss(placement.forward, self.tokenizer, mine, device=self.device,
                                       as_classification=self.as_classification, max_length=self.max_length,
-                                      pad_to=width)
+                                      pad_to=shape)
         return total.double(), count.double()
 
     def _negated_metric(self, placement: Placement, mine: list[Sample]):
         from mezo_dist.metrics_text import f1
-        from mezo_dist.scoring import greedy_generate, predict
+        from mezo_dist.generation import greedy_generate, supports_kv_cache
+        from mezo_dist.scoring import predict
 
         if self.non_diff == "f1":
             from mezo_dist.evaluate import BalancedForward, _dummy_token
@@ -182,13 +184,13 @@ class TaskObjective:
             # sharded model is collective: the ranks agree before each forward, pad with dummies.
             forward = BalancedForward(placement, token_id=_dummy_token(self.tokenizer), num_samples=len(mine))
             preds = greedy_generate(forward, self.tokenizer, [s.context for s in mine], device=self.device,
-                                    max_new_tokens=self.max_new_tokens, max_length=self.max_length)
+                                    max_new_tokens=self.max_new_tokens, max_length=self.max_length,
+                                    batch_size=None, use_cache=supports_kv_cache(placement.module))
             forward.finish()
             score = sum(f1(p, s.answers) for p, s in zip(preds, mine))
         else:
             # All candidates in one forward: every rank makes exactly one call, no balancing needed.
-            pairs = sum(len(s.candidates) for s in mine)
-            preds = predict(placement.forward, self.tokenizer, mine, device=self.device, batch_size=max(1, pairs),
+            preds = predict(placement.forward, self.tokenizer, mine, device=self.device, batch_size=None,
                             max_length=self.max_length)
             score = sum(float(s.is_correct(p)) for p, s in zip(preds, mine))
         return torch.tensor(-score, dtype=torch.float64), torch.tensor(float(len(mine)), dtype=torch.float64)

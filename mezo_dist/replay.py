@@ -26,6 +26,11 @@ class ReplayArguments:
     local_rank: int = field(default=-1, metadata={"help": "Set by the deepspeed launcher."})
 
 
+# The noise streams a trajectory may name (``passes.STREAMS``; kept here so that reading a
+# trajectory needs no torch): rows without a name are ``blocks``.
+STREAMS = ("hash", "blocks", "philox")
+
+
 def read_trajectory(path: str | Path) -> list[dict[str, Any]]:
     """The steps of a run, checked to run 0, 1, 2, ... with everything replay needs."""
     p = Path(path)
@@ -49,7 +54,7 @@ def read_trajectory(path: str | Path) -> list[dict[str, Any]]:
         # Rows written before these fields existed are Gaussian z from the blocks stream.
         if row.get("perturbation", "gaussian") not in ("gaussian", "rademacher"):
             raise ConfigError(f"trajectory {path} line {n} has unknown perturbation {row['perturbation']!r}")
-        if row.get("noise", "blocks") not in ("blocks", "philox"):
+        if row.get("noise", "blocks") not in STREAMS:
             raise ConfigError(f"trajectory {path} line {n} has unknown noise stream {row['noise']!r}")
         if rows and row.get("precision") != rows[0].get("precision"):
             raise ConfigError(f"trajectory {path} line {n} changes precision mid-run")
@@ -61,13 +66,15 @@ def read_trajectory(path: str | Path) -> list[dict[str, Any]]:
 
 def replay(placement, rows: list[dict[str, Any]]) -> None:
     """Apply every logged step to ``placement`` in order."""
+    from mezo_dist.zo import passes
     from mezo_dist.zo.step import MeZO
 
     streams = {row.get("noise", "blocks") for row in rows}
     if len(streams) > 1:
-        raise ConfigError("trajectory mixes noise streams (blocks and philox); it cannot be replayed as one run")
+        raise ConfigError(f"trajectory mixes noise streams ({' and '.join(sorted(streams))}); it cannot be replayed "
+                          "as one run")
     # The path that drew the run's z, not this device's default: a CPU run replays on a GPU too.
-    kernel = "triton" if streams.pop() == "philox" else "blocks"
+    kernel = passes.kernel_for_stream(streams.pop())
     try:
         zo = MeZO(placement, lr=0.0, eps=rows[0]["eps"], kernel=kernel)
     except ValueError as e:

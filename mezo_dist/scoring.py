@@ -1,209 +1,147 @@
-"""Model-side scoring of task samples: candidate log-likelihoods, predictions, training losses,
-greedy generation and in-context demonstrations.
+"""Model-side scoring of task samples: candidate log-likelihoods, predictions, training losses
+and in-context demonstrations (greedy generation lives in :mod:`mezo_dist.generation`, encodings
+in :mod:`mezo_dist.encoding`; their public names are importable from here too).
 
-Everything here calls the model only as ``forward(input_ids=..., attention_mask=...)`` and reads
-``.logits``, so it works the same on a plain Hugging Face causal LM and on any sharding wrapper
-(FSDP2, ZeRO-3) around one. Under a sharding wrapper every rank must make the same number of
-forward calls: pass the same number of samples on every rank (``candidate_loss`` with the default
-``batch_size=None`` makes exactly one call).
+Everything here calls the model only as ``forward(input_ids=..., attention_mask=...,
+logits_to_keep=...)`` and reads ``.logits``, so it works the same on a plain Hugging Face model
+and on any sharding wrapper (FSDP2, ZeRO-3) around one. Under a sharding wrapper every rank must
+make the same number of forward calls: pass the same number of samples on every rank
+(``candidate_loss`` with the default ``batch_size=None`` makes exactly one call).
 
-Conventions:
-
-* A candidate's tokens are the tokens of ``context + candidate`` after the longest prefix they
-  share with the tokens of ``context`` alone (with most tokenizers: after the context's tokens).
-* Sequences are right-padded, so padding never shifts a real token's position.
-* Log-probabilities are computed in float32 whatever the model's dtype.
-* Long prompts are cut from the left (keeping a leading BOS token) when ``max_length`` is set.
-* Masked LMs (RoBERTa-style, the paper's second family): the candidate's tokens are replaced by
-  mask tokens, ``[CLS] context [MASK] ... [SEP]``, and each is scored by the model's prediction at
-  its own position; the paper's verbalizers are single words, one mask each.
+What a forward computes is what is read (see :mod:`mezo_dist.encoding`): a sample whose
+candidates are single tokens after the same prefix is one sequence, scored from the logits at
+its answer position; other candidates are one sequence each; and the vocabulary head runs only at
+the positions read. Sequences are right-padded, so padding never shifts a real token's position.
+Log-probabilities are computed in float32 whatever the model's dtype.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import random
-from collections.abc import Callable, Sequence
-from typing import Any
+from collections.abc import Sequence
 
 import torch
+from torch import nn
 
+from mezo_dist.encoding import (  # noqa: F401  (public names of scoring before the split)
+    BatchShape, Encoded, _encode_pairs, _pad_id, candidate_groups, encode_groups, encode_samples, encoded_shape,
+    encoded_width, is_masked_lm, target_token_count,
+)
 from mezo_dist.errors import ConfigError
+from mezo_dist.generation import greedy_generate, greedy_generate_ids  # noqa: F401
+from mezo_dist.logits import Forward, kept_logits, support_logits_to_keep
 from mezo_dist.metrics_text import accuracy, generation_scores
 from mezo_dist.tasks.base import Sample
 
-Forward = Callable[..., Any]
 DEMO_SEPARATOR = "\n\n"
 
 
-# ----------------------------------------------------------------------------------------- encoding
-def _pad_id(tokenizer) -> int:
-    for tid in (tokenizer.pad_token_id, tokenizer.eos_token_id):
-        if tid is not None:
-            return int(tid)
-    return 0  # any id works: padded positions are masked and never scored
+# ----------------------------------------------------------------------------------------- scoring
+def continuation_logprobs(forward: Forward, tokenizer, enc: Encoded, *, device: torch.device | str,
+                          batch_size: int | None,
+                          pad_to: BatchShape | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per continuation of ``enc``: the summed log-probability of its tokens, and their count.
 
-
-def is_masked_lm(tokenizer) -> bool:
-    """Set by :func:`mezo_dist.models.load_tokenizer` when the model is a masked LM."""
-    return bool(getattr(tokenizer, "mezo_masked_lm", False))
-
-
-def _left_truncate(ids: list[int], max_length: int, bos_id: int | None) -> tuple[list[int], int]:
-    """Drop tokens after a leading BOS until ``len(ids) <= max_length``; returns (ids, dropped)."""
-    cut = len(ids) - max_length
-    if cut <= 0:
-        return ids, 0
-    head = 1 if bos_id is not None and ids and ids[0] == bos_id else 0
-    return ids[:head] + ids[head + cut:], cut
-
-
-def encoded_width(tokenizer, samples: Sequence[Sample], *, as_classification: bool,
-                  max_length: int | None = None) -> int:
-    """The longest encoded (context, continuation) of ``samples``: what ``pad_to`` should be for a
-    global batch whose shares are scored on different ranks."""
-    if as_classification:
-        pairs = [(s.context, c) for s in samples for c in s.candidates]
-    else:
-        pairs = [(s.context, s.target) for s in samples]
-    extra = 1 if is_masked_lm(tokenizer) else 0  # the closing [SEP]
-    return max((len(ids) + extra for ids, _ in _encode_pairs(tokenizer, pairs, max_length)), default=0)
-
-
-def target_token_count(tokenizer, samples: Sequence[Sample], *, max_length: int | None = None) -> int:
-    """How many gold-target tokens ``candidate_loss(..., as_classification=False)`` sums over,
-    known without a forward."""
-    pairs = [(s.context, s.target) for s in samples]
-    return sum(len(ids) - start for ids, start in _encode_pairs(tokenizer, pairs, max_length))
-
-
-def _encode_pairs(tokenizer, pairs: Sequence[tuple[str, str]], max_length: int | None) -> list[tuple[list[int], int]]:
-    """Token ids of ``context + continuation`` and the index where the continuation's tokens start.
-
-    For a masked LM the ids are ``[CLS] context continuation`` (no special tokens from the
-    tokenizer); the scorer masks the continuation and closes the sequence with ``[SEP]``.
+    Args:
+        batch_size: rows per forward call; None runs every row in one call.
+        pad_to: pad every call to at least this shape, so that ranks scoring different shares of
+            one global batch run forwards of the same shape (the same kernels, the same rounding).
     """
-    if not pairs:
-        return []
-    masked = is_masked_lm(tokenizer)
-    if masked:
-        if None in (tokenizer.cls_token_id, tokenizer.sep_token_id, tokenizer.mask_token_id):
-            raise ConfigError("a masked LM's tokenizer needs cls, sep and mask tokens")
-        # [CLS] leads (kept by truncation like a BOS); one position stays free for the [SEP].
-        lead, room, bos = [tokenizer.cls_token_id], 1, tokenizer.cls_token_id
-    else:
-        lead, room, bos = [], 0, tokenizer.bos_token_id
-    contexts = tokenizer([c for c, _ in pairs], add_special_tokens=not masked)["input_ids"]
-    fulls = tokenizer([c + x for c, x in pairs], add_special_tokens=not masked)["input_ids"]
-    out = []
-    for (context, cont), ctx, full in zip(pairs, contexts, fulls):
-        ctx, full = list(ctx), list(full)
-        start = 0
-        # Longest common prefix: a tokenizer may merge the context's last characters with the
-        # continuation's first ones, and then the merged token belongs to the continuation.
-        while start < min(len(ctx), len(full)) and ctx[start] == full[start]:
-            start += 1
-        if start >= len(full):
-            raise ConfigError(f"continuation {cont!r} adds no tokens to its context")
-        ids, start = lead + full, start + len(lead)
-        if start == 0:
-            raise ConfigError("a context must encode to at least one token (nothing predicts the first token)")
-        if max_length is not None:
-            limit = max_length - room
-            if len(ids) - start > limit - 1:
-                raise ConfigError(f"continuation of {len(ids) - start} tokens does not fit max_length={max_length}")
-            ids, cut = _left_truncate(ids, limit, bos)
-            start -= cut
-        out.append((ids, start))
-    return out
-
-
-def _logits(forward: Forward, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    # No key/value cache: every call scores whole sequences (greedy decoding re-reads the prefix).
-    out = forward(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
-    return out.logits if hasattr(out, "logits") else out[0]
-
-
-def _token_logprob_sums(forward: Forward, tokenizer, seqs: list[tuple[list[int], int]], *, device,
-                        batch_size: int | None, pad_to: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per sequence: the summed log-probability of its continuation tokens, and their count.
-
-    ``pad_to`` pads every batch to at least that width, so that ranks scoring different shares
-    of one global batch run forwards of the same shape (the same kernels, the same rounding).
-    """
-    if not seqs:
-        z = torch.zeros(0, device=device)
-        return z, z
-    bs = len(seqs) if batch_size is None else batch_size
+    counts = torch.tensor(enc.lengths, dtype=torch.float32, device=device)
+    if not enc.rows:
+        return torch.zeros(0, device=device), counts
+    bs = len(enc.rows) if batch_size is None else batch_size
     if bs < 1:
         raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
+    if isinstance(forward, nn.Module):
+        support_logits_to_keep(forward)
     pad = _pad_id(tokenizer)
-    masked = is_masked_lm(tokenizer)
-    sums: list[torch.Tensor] = []
-    counts: list[int] = []
-    for b in range(0, len(seqs), bs):
-        chunk = seqs[b:b + bs]
-        rows = [ids[:start] + [tokenizer.mask_token_id] * (len(ids) - start) + [tokenizer.sep_token_id]
-                if masked else ids for ids, start in chunk]
-        width = max(max(len(r) for r in rows), pad_to or 0)
-        input_ids = torch.full((len(chunk), width), pad, dtype=torch.long)
-        mask = torch.zeros((len(chunk), width), dtype=torch.long)
+    shape = enc.shape.cover(pad_to)
+    values: list[torch.Tensor] = []
+    owners: list[int] = []
+    t = 0
+    for lo in range(0, len(enc.rows), bs):
+        rows = enc.rows[lo:lo + bs]
+        input_ids = torch.full((len(rows), shape.width), pad, dtype=torch.long)
+        mask = torch.zeros((len(rows), shape.width), dtype=torch.long)
+        positions = torch.zeros((len(rows), shape.keep), dtype=torch.long)
         for i, row in enumerate(rows):
-            input_ids[i, :len(row)] = torch.tensor(row, dtype=torch.long)
-            mask[i, :len(row)] = 1
-        input_ids, mask = input_ids.to(device), mask.to(device)
-        logits = _logits(forward, input_ids, mask)
-        for i, (ids, start) in enumerate(chunk):
-            # A causal LM's logits at t predict token t + 1; a masked LM's predict the masked token t.
-            at = slice(start, len(ids)) if masked else slice(start - 1, len(ids) - 1)
-            logp = torch.log_softmax(logits[i, at].float(), dim=-1)
-            target = torch.tensor(ids[start:], dtype=torch.long, device=logp.device)
-            sums.append(logp.gather(-1, target[:, None]).sum())
-            counts.append(len(ids) - start)
-    return torch.stack(sums), torch.tensor(counts, dtype=torch.float32, device=sums[0].device)
+            input_ids[i, :len(row.ids)] = torch.tensor(row.ids, dtype=torch.long)
+            mask[i, :len(row.ids)] = 1
+            # Unused slots repeat the last position read: any valid index would do.
+            positions[i] = torch.tensor(row.positions + row.positions[-1:] * (shape.keep - len(row.positions)))
+        logits = kept_logits(forward, input_ids.to(device), mask.to(device), positions.to(device)).float()
+        # log p(token) = logit - logsumexp(logits): the full log-softmax is never materialised.
+        norm = torch.logsumexp(logits, dim=-1)
+        at: list[tuple[int, int, int]] = []
+        while t < len(enc.tokens) and enc.tokens[t][0] < lo + len(rows):
+            row, slot, token, owner = enc.tokens[t]
+            at.append((row - lo, slot, token))
+            owners.append(owner)
+            t += 1
+        r, s, tok = torch.tensor(at, dtype=torch.long, device=logits.device).unbind(1)
+        values.append(logits[r, s, tok] - norm[r, s])
+    flat = torch.cat(values)
+    index = torch.tensor(owners, dtype=torch.long, device=flat.device)
+    sums = torch.zeros(len(enc.lengths), dtype=flat.dtype, device=flat.device).index_add(0, index, flat)
+    return sums, counts.to(flat.device)
 
 
-# ----------------------------------------------------------------------------------------- scoring
 def candidate_logprobs(forward: Forward, tokenizer, samples: Sequence[Sample], *, device: torch.device | str,
-                       batch_size: int = 8, max_length: int | None = None) -> list[list[float]]:
+                       batch_size: int | None = 8, max_length: int | None = None) -> list[list[float]]:
     """Average per-token log-likelihood of each candidate given its sample's context.
 
     Args:
-        forward: the causal LM (or wrapper) to call.
+        forward: the model (or wrapper) to call.
         samples: classification or multiple-choice samples (generation samples have no candidates).
         device: where the input tensors go.
-        batch_size: sequences (sample x candidate pairs) per forward call.
+        batch_size: sequences per forward call (one per sample whose candidates are single
+            tokens, else one per candidate); None scores everything in one call.
         max_length: cut longer prompts from the left; None keeps them whole.
 
     Returns:
         ``scores[i][j]``: mean log p(candidate j tokens | context) of sample i.
     """
-    for i, s in enumerate(samples):
-        if s.is_generation:
-            raise ConfigError(f"sample {i} has no candidates (a generation sample); use greedy_generate")
-    pairs = [(s.context, c) for s in samples for c in s.candidates]
+    enc = encode_groups(tokenizer, candidate_groups(samples), max_length)
     with torch.no_grad():
-        sums, counts = _token_logprob_sums(forward, tokenizer, _encode_pairs(tokenizer, pairs, max_length),
-                                           device=device, batch_size=batch_size)
-        flat = (sums / counts).tolist()
+        sums, counts = continuation_logprobs(forward, tokenizer, enc, device=device, batch_size=batch_size)
+    return per_sample((sums / counts).tolist(), samples)
+
+
+def per_sample(flat: Sequence[float], samples: Sequence[Sample]) -> list[list[float]]:
+    """Candidate scores listed sample after sample, cut into one list per sample."""
     out, k = [], 0
     for s in samples:
-        out.append(flat[k:k + len(s.candidates)])
+        out.append(list(flat[k:k + len(s.candidates)]))
         k += len(s.candidates)
     return out
 
 
 def predict(forward: Forward, tokenizer, samples: Sequence[Sample], *, device: torch.device | str,
-            batch_size: int = 8, max_length: int | None = None) -> list[int]:
+            batch_size: int | None = 8, max_length: int | None = None) -> list[int]:
     """Index of the highest-scoring candidate of each sample (ties go to the lower index)."""
     scores = candidate_logprobs(forward, tokenizer, samples, device=device, batch_size=batch_size,
                                 max_length=max_length)
     return [max(range(len(row)), key=row.__getitem__) for row in scores]
 
 
+def classification_loss(scores: torch.Tensor, samples: Sequence[Sample]) -> torch.Tensor:
+    """Summed cross-entropy of each sample's gold candidate, with its candidates' scores (in
+    sample order, ``len(s.candidates)`` each) as the logits."""
+    # Accumulated in float64: per-sample terms agree across layouts, their sum must not
+    # depend on how the samples were split over ranks (L+ - L- is divided by 2 eps).
+    total, k = scores.new_zeros((), dtype=torch.float64), 0
+    for s in samples:
+        n = len(s.candidates)
+        total = total - torch.log_softmax(scores[k:k + n], dim=0)[s.gold].double()
+        k += n
+    return total
+
+
 def candidate_loss(forward: Forward, tokenizer, samples: Sequence[Sample], *, device: torch.device | str,
-                   as_classification: bool, batch_size: int | None = None,
-                   max_length: int | None = None, pad_to: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                   as_classification: bool, batch_size: int | None = None, max_length: int | None = None,
+                   pad_to: BatchShape | int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Training loss as ``(sum, count)``, so the mean over ranks is ``all_reduce(sum) / all_reduce(count)``.
 
     Args:
@@ -213,7 +151,8 @@ def candidate_loss(forward: Forward, tokenizer, samples: Sequence[Sample], *, de
             tokens (the gold candidate, or ``answer_prefix + answers[0]`` for generation samples),
             summed over tokens; count = number of target tokens.
         batch_size: sequences per forward call; None scores everything in one call.
-        pad_to: pad to at least this width (see ``_token_logprob_sums``).
+        pad_to: pad to at least this shape (see :func:`continuation_logprobs`); an int pads the
+            width only. :func:`encoded_shape` of the global batch gives it.
 
     Gradients flow through the result when the caller enables them (first-order baselines);
     MeZO callers wrap the call in ``torch.no_grad()``.
@@ -222,72 +161,14 @@ def candidate_loss(forward: Forward, tokenizer, samples: Sequence[Sample], *, de
         for i, s in enumerate(samples):
             if s.is_generation:
                 raise ConfigError(f"sample {i} has no candidates, so it cannot be trained as classification")
-        pairs = [(s.context, c) for s in samples for c in s.candidates]
-        sums, counts = _token_logprob_sums(forward, tokenizer, _encode_pairs(tokenizer, pairs, max_length),
-                                           device=device, batch_size=batch_size, pad_to=pad_to)
-        scores = sums / counts
-        # Accumulated in float64: per-sample terms agree across layouts, their sum must not
-        # depend on how the samples were split over ranks (L+ - L- is divided by 2 eps).
-        total, k = scores.new_zeros((), dtype=torch.float64), 0
-        for s in samples:
-            n = len(s.candidates)
-            total = total - torch.log_softmax(scores[k:k + n], dim=0)[s.gold].double()
-            k += n
+    if isinstance(pad_to, int):
+        pad_to = BatchShape(pad_to, 0)
+    enc = encode_samples(tokenizer, samples, as_classification=as_classification, max_length=max_length)
+    sums, counts = continuation_logprobs(forward, tokenizer, enc, device=device, batch_size=batch_size, pad_to=pad_to)
+    if as_classification:
+        total = classification_loss(sums / counts, samples)
         return total, torch.tensor(float(len(samples)), device=total.device)
-    pairs = [(s.context, s.target) for s in samples]
-    sums, counts = _token_logprob_sums(forward, tokenizer, _encode_pairs(tokenizer, pairs, max_length),
-                                       device=device, batch_size=batch_size, pad_to=pad_to)
     return -sums.double().sum(), counts.sum()
-
-
-# --------------------------------------------------------------------------------------- generation
-def _greedy_one(forward: Forward, tokenizer, context: str, *, device, max_new_tokens: int, stop: str | None,
-                max_length: int | None) -> tuple[list[int], str]:
-    if is_masked_lm(tokenizer):
-        raise ConfigError("generation needs a causal LM; a masked LM scores candidates only")
-    ids = list(tokenizer(context, add_special_tokens=True)["input_ids"])
-    if max_length is not None:
-        if max_length <= max_new_tokens:
-            raise ConfigError(f"max_length={max_length} leaves no room for the prompt and {max_new_tokens} new tokens")
-        ids, _ = _left_truncate(ids, max_length - max_new_tokens, tokenizer.bos_token_id)
-    eos = tokenizer.eos_token_id
-    new: list[int] = []
-    text = ""
-    for _ in range(max_new_tokens):
-        x = torch.tensor([ids + new], dtype=torch.long, device=device)
-        nxt = int(_logits(forward, x, torch.ones_like(x))[0, -1].float().argmax())
-        if eos is not None and nxt == eos:
-            break
-        candidate = tokenizer.decode(new + [nxt], skip_special_tokens=True)
-        if stop and stop in candidate:
-            # The token that brings the stop string is not kept, but the text before it is.
-            text = candidate[:candidate.index(stop)]
-            break
-        new.append(nxt)
-        text = candidate
-    return new, text
-
-
-def greedy_generate_ids(forward: Forward, tokenizer, contexts: Sequence[str], *, device: torch.device | str,
-                        max_new_tokens: int = 50, stop: str | None = "\n",
-                        max_length: int | None = None) -> list[list[int]]:
-    """Token ids that ``greedy_generate`` keeps for each context (the stop token excluded)."""
-    with torch.no_grad():
-        return [_greedy_one(forward, tokenizer, c, device=device, max_new_tokens=max_new_tokens, stop=stop,
-                            max_length=max_length)[0] for c in contexts]
-
-
-def greedy_generate(forward: Forward, tokenizer, contexts: Sequence[str], *, device: torch.device | str,
-                    max_new_tokens: int = 50, stop: str | None = "\n", max_length: int | None = None) -> list[str]:
-    """Greedy continuation of each context, without a KV cache (one full forward per new token).
-
-    Contexts are decoded one at a time, so no padding is involved and any position-embedding
-    scheme is right. Decoding stops at EOS, at ``max_new_tokens``, or where the decoded text first
-    contains ``stop`` (the text is cut there). Returns the continuations, whitespace-stripped.
-    """
-    with torch.no_grad():
-        return [_greedy_one(forward, tokenizer, c, device=device, max_new_tokens=max_new_tokens, stop=stop,
-                            max_length=max_length)[1].strip() for c in contexts]
 
 
 # ------------------------------------------------------------------------------------ demonstrations
@@ -316,7 +197,7 @@ def evaluate(forward: Forward, tokenizer, samples: Sequence[Sample], *, device: 
         raise ConfigError("no samples to evaluate")
     if all(s.is_generation for s in samples):
         preds = greedy_generate(forward, tokenizer, [s.context for s in samples], device=device,
-                                max_new_tokens=max_new_tokens, max_length=max_length)
+                                max_new_tokens=max_new_tokens, max_length=max_length, batch_size=batch_size)
         return generation_scores(preds, [s.answers for s in samples])
     if any(s.is_generation for s in samples):
         raise ConfigError("cannot evaluate generation and candidate samples together")

@@ -1,7 +1,9 @@
 """Small random-weight models with real architectures, for tests and benchmarks.
 
 Dimensions are deliberately odd (not divisible by 2) so that shards and partitions have ragged
-edges. The tokenizer is character-level, built without training, so it needs no download.
+edges. The tokenizer is character-level, built without training, so it needs no download; or,
+with ``tokenizer="smollm2"``, the default model's own (49,152 tokens), under which the paper's
+verbalizers are single tokens.
 """
 
 from __future__ import annotations
@@ -59,15 +61,46 @@ def tiny_config(arch: str, *, vocab_size: int, hidden: int = 38, layers: int = 2
     raise ValueError(f"unknown tiny architecture {arch!r}")
 
 
-def make_tiny_model(path: str | Path, arch: str = "opt", *, seed: int = 0, **dims) -> Path:
-    """Save a random-weight causal LM and its tokenizer as a Hugging Face folder."""
+def smollm2_tokenizer(*, masked: bool = False):
+    """The default model's tokenizer (from its cached folder); ``masked`` adds ``<pad>`` and
+    ``<mask>`` tokens and names BOS/EOS the cls/sep tokens, as a masked LM's tokenizer does."""
+    from transformers import AutoTokenizer
+
+    from mezo_dist.assets import default_model_dir
+
+    tok = AutoTokenizer.from_pretrained(default_model_dir())
+    if masked:
+        # RoBERTa numbers positions by skipping the pad id, so padding needs an id of its own
+        # (not the [SEP] that closes every sequence), and a small one: it also indexes the
+        # position table. The unknown token <|endoftext|> (id 0) serves.
+        tok.add_special_tokens({"mask_token": "<mask>"})
+        tok.pad_token, tok.cls_token, tok.sep_token = tok.unk_token, tok.bos_token, tok.eos_token
+    return tok
+
+
+def make_tiny_model(path: str | Path, arch: str = "opt", *, seed: int = 0, tokenizer: str = "char",
+                    init_std: float | None = None, **dims) -> Path:
+    """Save a random-weight causal LM (or, for ``roberta``, masked LM) and its tokenizer as a
+    Hugging Face folder; ``tokenizer`` is ``"char"`` or ``"smollm2"``. ``init_std`` replaces the
+    architecture's initial weight scale: larger weights make greedy decoding wander over the
+    vocabulary instead of repeating one token."""
     from transformers import AutoModelForCausalLM, AutoModelForMaskedLM
 
     path = Path(path)
     masked = arch == "roberta"
-    tok = char_tokenizer(masked=masked)
-    # The vocabulary is odd on purpose: 99 tokens (100 with <mask>) + 2 unused rows.
-    config = tiny_config(arch, vocab_size=len(tok) + 2, **dims)
+    if tokenizer == "char":
+        tok = char_tokenizer(masked=masked)
+        # The vocabulary is odd on purpose: 99 tokens (100 with <mask>) + 2 unused rows.
+        config = tiny_config(arch, vocab_size=len(tok) + 2, **dims)
+    elif tokenizer == "smollm2":
+        tok = smollm2_tokenizer(masked=masked)
+        config = tiny_config(arch, vocab_size=len(tok), **dims)
+        for key in ("pad_token_id", "bos_token_id", "eos_token_id"):
+            setattr(config, key, getattr(tok, key))
+    else:
+        raise ValueError(f"unknown tokenizer {tokenizer!r}; choose char or smollm2")
+    if init_std is not None:
+        config.initializer_range = init_std
     torch.manual_seed(seed)
     model = (AutoModelForMaskedLM if masked else AutoModelForCausalLM).from_config(config)
     model.save_pretrained(path)

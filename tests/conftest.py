@@ -14,6 +14,19 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from tests.helpers import data_dir  # noqa: E402
 
 
+def pytest_collection_modifyitems(config, items) -> None:
+    """Tests marked ``gpu`` need a CUDA device: skipped with the reason where there is none
+    (``benchmarks/gpu_check.sh`` runs them on a GPU)."""
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device (run benchmarks/gpu_check.sh on a GPU)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
 @pytest.fixture(scope="session", autouse=True)
 def torch_extensions_dir(tmp_path_factory) -> Path:
     """A build folder of this session's own for the ops DeepSpeed compiles at first use (its CPU
@@ -57,3 +70,31 @@ def tiny_models(tmp_path_factory) -> dict[str, Path]:
     return {arch: make_tiny_model(root / arch, arch) for arch in ("opt", "llama", "roberta")}
 
 
+@pytest.fixture(scope="session")
+def rank_pool(torch_extensions_dir):
+    """Two ranks over gloo, started once for the session (see tests/rank_pool.py)."""
+    from tests.rank_pool import RankPool
+
+    pool = RankPool(world=2)
+    yield pool
+    pool.close()
+
+
+@pytest.fixture(scope="session")
+def bpe_models(tmp_path_factory) -> dict[str, Path]:
+    """Tiny random-weight models with the default model's own tokenizer (49,152 tokens), under
+    which the paper's verbalizers are single tokens: a causal LM (weights drawn wider than the
+    default, so that greedy decoding wanders over the vocabulary) and a masked LM."""
+    from mezo_dist.assets import default_model_dir
+    from mezo_dist.errors import ConfigError
+    from mezo_dist.testing import make_tiny_model
+
+    try:
+        default_model_dir()
+    except ConfigError as e:
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail(str(e))
+        pytest.skip(str(e))
+    root = tmp_path_factory.mktemp("bpe_models")
+    return {"llama": make_tiny_model(root / "llama", "llama", tokenizer="smollm2", init_std=0.2),
+            "roberta": make_tiny_model(root / "roberta", "roberta", tokenizer="smollm2")}

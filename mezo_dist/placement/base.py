@@ -63,6 +63,11 @@ class Placement(ABC):
         # What :meth:`forward` calls: the model itself, unless the backprop baseline wraps it
         # for gradient averaging (DDP). MeZO never needs a wrapper.
         self.runner: nn.Module = model
+        # Scoring asks every forward for the logits it reads only (``logits_to_keep``); models
+        # without that argument get it through hooks inside their own forward.
+        from mezo_dist.logits import support_logits_to_keep
+
+        support_logits_to_keep(self.module)
 
     @abstractmethod
     def pieces(self) -> list[Piece]:

@@ -71,7 +71,7 @@ CASES = [
     ("lora and prefix", ["--lora", "--prefix_tuning"], r"--lora and --prefix_tuning are exclusive"),
     ("prefix length zero", ["--prefix_tuning", "--num_prefix", "0"], r"--num_prefix must be >= 1"),
     ("unknown perturbation", ["--zo_perturbation", "uniform"], r"unknown --zo_perturbation 'uniform'"),
-    ("unknown kernel", ["--zo_kernel", "cuda"], r"unknown --zo_kernel 'cuda'; choose one of auto, blocks, triton"),
+    ("unknown kernel", ["--zo_kernel", "cuda"], r"unknown --zo_kernel 'cuda'; choose one of auto, compiled, blocks, triton"),
     ("unknown precision", ["--precision", "fp8"], r"unknown --precision 'fp8'"),
     ("precision contradicts dtype", ["--torch_dtype", "bfloat16", "--precision", "fp16"],
      r"--precision fp16 contradicts --torch_dtype bfloat16"),

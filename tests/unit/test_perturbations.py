@@ -1,4 +1,5 @@
-"""Perturbation passes: Rademacher z, the threaded CPU path, and the fused CUDA path.
+"""Perturbation passes: Rademacher z, the threaded CPU path, and the fused CUDA path (the
+compiled hash path has its own file, test_hash_noise.py).
 
 The threaded pass must give the serial draw bit for bit; the fused Triton pass (GPU only) must
 give every shard the same z as the whole parameter.
@@ -86,16 +87,19 @@ def test_affine_and_callable_ops_agree(small_blocks):
     assert torch.equal(x, y)
 
 
-def test_rademacher_step_follows_zo_sgd():
+@pytest.mark.parametrize("kernel,stream", [("auto", "hash"), ("blocks", "blocks")])
+def test_rademacher_step_follows_zo_sgd(kernel, stream):
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(7, 5), torch.nn.Linear(5, 3))
     before = {k: v.detach().clone() for k, v in model.named_parameters()}
     x = torch.linspace(-1, 1, 14).reshape(2, 7)
-    zo = MeZO(wrap(model), lr=1e-2, eps=1e-3, seed=4, perturbation="rademacher")
-    assert zo.noise_stream == "blocks"
+    zo = MeZO(wrap(model), lr=1e-2, eps=1e-3, seed=4, perturbation="rademacher", kernel=kernel)
+    assert zo.noise_stream == stream
     res = zo.step(lambda: model(x).pow(2).mean())
     for name, p in model.named_parameters():
-        z = noise.draw(noise.param_key(res.seed, name), 0, p.numel(), p.numel(), kind="rademacher").view_as(p)
+        z = passes.draw(zo.kernel, noise.param_key(res.seed, name), 0, p.numel(), p.numel(),
+                        kind="rademacher").view_as(p)
+        assert set(z.unique().tolist()) <= {-1.0, 1.0}
         assert torch.allclose(p.detach(), before[name] - 1e-2 * res.projected_grad * z, atol=1e-6), name
     with pytest.raises(ValueError, match="unknown perturbation"):
         MeZO(wrap(model), lr=1e-3, perturbation="uniform")
@@ -107,7 +111,7 @@ def test_triton_kernel_is_refused_without_cuda(monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     with pytest.raises(ValueError, match="needs a CUDA device"):
         passes.resolve_kernel("triton", torch.device("cpu"))
-    assert passes.resolve_kernel("auto", torch.device("cpu")) == "blocks"
+    assert passes.resolve_kernel("auto", torch.device("cpu")) == "compiled"
 
 
 # -- the fused Triton pass: compiled on CUDA, else under Triton's interpreter on CPU ----------

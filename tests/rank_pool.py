@@ -1,0 +1,158 @@
+"""In-process multi-rank tests: N worker processes joined in one gloo group, kept for the session.
+
+A test that launches ``torchrun`` pays, per rank, a Python start, the imports of torch,
+transformers and DeepSpeed (~10 s on 2 cores) and the process-group set-up. Tests of placements,
+steps and checkpoints only need ranks that share a group, so :class:`RankPool` starts the ranks
+once and then runs many test functions on them: ``pool.run(fn, *args)`` calls ``fn(state, *args)``
+on every rank (``state`` is the rank's :class:`mezo_dist.distributed.DistState`) and returns the
+per-rank results. Only tests of the launchers themselves still go through real launchers.
+
+``fn`` must be a module-level function (the workers import it by name) and must issue the same
+collectives on every rank. A rank that fails (or a run past its timeout) ends the pool: the other
+ranks may be waiting in a collective forever, so every worker is killed and the next
+:meth:`RankPool.run` starts fresh ones.
+"""
+
+from __future__ import annotations
+
+import importlib
+import multiprocessing as mp
+import os
+import sys
+import time
+import traceback
+from pathlib import Path
+from typing import Any, Callable
+
+ROOT = Path(__file__).resolve().parents[1]
+# A collective that never completes fails the test after this long (the default is 30 minutes).
+GROUP_TIMEOUT_S = 300
+
+
+class RankFailed(AssertionError):
+    """A rank raised, or did not answer in time; the message holds its traceback."""
+
+
+def _worker(rank: int, world: int, port: int, env: dict[str, str], conn) -> None:
+    os.environ.update(env)
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), LOCAL_SIZE=str(world),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    sys.path.insert(0, str(ROOT))
+    try:
+        import torch
+
+        torch.set_num_threads(1)
+        from mezo_dist.distributed import init_distributed
+
+        # The group is wrapped by DeepSpeed's comm layer once, so ZeRO-3 and FSDP2 tests share it.
+        state = init_distributed(use_deepspeed=True, timeout_s=GROUP_TIMEOUT_S)
+        conn.send(("ready", None))
+    except BaseException:  # noqa: BLE001 - reported to the parent, which fails the test
+        conn.send(("error", traceback.format_exc()))
+        return
+    while True:
+        msg = conn.recv()
+        if msg is None:
+            break
+        module, name, args = msg
+        try:
+            fn = getattr(importlib.import_module(module), name)
+            conn.send(("ok", fn(state, *args)))
+        except BaseException:  # noqa: BLE001
+            conn.send(("error", traceback.format_exc()))
+        finally:
+            _forget_run_state()
+    from mezo_dist.distributed import teardown
+
+    teardown()
+
+
+def _forget_run_state() -> None:
+    """What one test leaves in a worker that would change the next: transformers' global
+    DeepSpeed config (models would load partitioned) and unreferenced engines."""
+    import gc
+
+    from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+    unset_hf_deepspeed_config()
+    gc.collect()
+
+
+class RankPool:
+    """``world`` ranks over gloo on this host, started on first use."""
+
+    def __init__(self, world: int = 2, env: dict[str, str] | None = None) -> None:
+        self.world = world
+        self.env = dict(env or {})
+        self._procs: list[Any] = []
+        self._conns: list[Any] = []
+        self._port: int | None = None
+
+    def _start(self) -> None:
+        from tests.helpers import free_port, launch_env
+
+        env = {k: v for k, v in launch_env().items() if k in ("OMP_NUM_THREADS", "DS_ACCELERATOR", "PYTHONPATH",
+                                                              "TOKENIZERS_PARALLELISM", "TORCH_EXTENSIONS_DIR")}
+        env.update(self.env)
+        ctx = mp.get_context("spawn")  # a fork would inherit the parent's OpenMP and gloo threads
+        port = self._port = free_port()
+        for rank in range(self.world):
+            parent, child = ctx.Pipe()
+            proc = ctx.Process(target=_worker, args=(rank, self.world, port, env, child), daemon=True)
+            proc.start()
+            self._procs.append(proc)
+            self._conns.append(parent)
+        self._collect(timeout=GROUP_TIMEOUT_S, what="start-up")
+
+    def _collect(self, *, timeout: float, what: str) -> list[Any]:
+        deadline = time.monotonic() + timeout
+        results: list[Any] = [None] * self.world
+        pending = set(range(self.world))
+        while pending:
+            for rank in sorted(pending):
+                conn, proc = self._conns[rank], self._procs[rank]
+                if conn.poll(0.05):
+                    kind, value = conn.recv()
+                    pending.discard(rank)
+                    if kind == "error":
+                        self.close(kill=True)
+                        raise RankFailed(f"rank {rank} failed in {what}:\n{value}")
+                    results[rank] = value
+                elif not proc.is_alive():
+                    self.close(kill=True)
+                    raise RankFailed(f"rank {rank} died in {what} (exit code {proc.exitcode})")
+            if pending and time.monotonic() > deadline:
+                self.close(kill=True)
+                raise RankFailed(f"ranks {sorted(pending)} did not finish {what} within {timeout:.0f} s")
+        return results
+
+    def run(self, fn: Callable[..., Any], *args: Any, timeout: float = 600) -> list[Any]:
+        """``fn(state, *args)`` on every rank; the per-rank return values (picklable), rank order."""
+        if not self._procs:
+            self._start()
+        for conn in self._conns:
+            conn.send((fn.__module__, fn.__qualname__, args))
+        return self._collect(timeout=timeout, what=f"{fn.__module__}.{fn.__qualname__}")
+
+    def close(self, *, kill: bool = False) -> None:
+        for conn, proc in zip(self._conns, self._procs):
+            if not kill and proc.is_alive():
+                try:
+                    conn.send(None)
+                except OSError:
+                    pass
+        for proc in self._procs:
+            proc.join(timeout=0 if kill else 30)
+            if proc.is_alive():
+                proc.kill()
+                proc.join()
+        self._procs, self._conns = [], []
+        if self._port is not None:
+            _remove_shm_segments(self._port)
+
+
+def _remove_shm_segments(port: int) -> None:
+    # DeepSpeed's CPU all-reduce segments of this pool; mezo_dist unlinks its own once every rank
+    # has mapped them, this catches those of workers killed before they got there.
+    for f in Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*"):
+        f.unlink(missing_ok=True)
