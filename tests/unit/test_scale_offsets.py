@@ -5,8 +5,9 @@ over the whole model: OPT-175B's 175 billion elements never form one index, and 
 (the 617.7M-element embedding) stays below 2^31 elements, though not below 2^31 bytes once in
 fp32. Those offsets are Python integers all the way to the noise stream's block plan and the
 checkpoint's index. These tests drive both with a parameter of more than 2^33 elements (what a
-fused or flattened parameter of a model a few times OPT-175B's width would be), on the CPU blocks
-stream that exists today; a block plan touches no tensor, and the draws below generate two blocks.
+fused or flattened parameter of a model a few times OPT-175B's width would be), on the blocks
+stream (the hash stream's own tests, tests/unit/test_hash_noise.py, draw its elements past 2^32 and
+2^33); a block plan touches no tensor, and the draws below generate two blocks.
 """
 
 from __future__ import annotations
