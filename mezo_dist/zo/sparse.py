@@ -166,7 +166,7 @@ class SparseMeZO(MeZO):
         super().__init__(placement, **kw)
         self.sparsity, self.sparse_refresh = float(sparsity), int(sparse_refresh)
         self.thresholds: dict[str, int] | None = None
-        self._masks: dict[str, torch.Tensor] = {}
+        self._masks: dict[str, tuple[int, int, torch.Tensor]] = {}  # name -> (offset, numel, packed bits)
 
     def hyper(self) -> dict[str, Any]:
         return {"sparsity": self.sparsity, "sparse_refresh": self.sparse_refresh}
@@ -199,11 +199,16 @@ class SparseMeZO(MeZO):
                                  "checkpoint that holds them")
             self.thresholds = find_thresholds(pieces, self.sparsity, owns=self._owns,
                                               reduce=self.placement.all_reduce_sum, device=self.placement.state.device)
-        self._masks = {p.name: pack_mask(p.local, self.thresholds[p.name]) for p in pieces}
+        self._masks = {p.name: (p.offset, p.local.numel(), pack_mask(p.local, self.thresholds[p.name])) for p in pieces}
         self.mask = self._mask_of
 
     def _mask_of(self, piece: Piece, start: int, count: int) -> torch.Tensor:
-        return unpack_mask(self._masks[piece.name], start, count)
+        offset, numel, packed = self._masks[piece.name]
+        if (offset, numel) != (piece.offset, piece.local.numel()):
+            raise RuntimeError(f"parameter {piece.name} changed its layout on this rank within a step "
+                               f"([{offset}, {offset + numel}) -> [{piece.offset}, {piece.offset + piece.local.numel()})); "
+                               "the step's mask was taken for the former")
+        return unpack_mask(packed, start, count)
 
     def _done(self) -> None:
         self.mask, self._masks = None, {}
