@@ -106,9 +106,9 @@ class ZOArguments:
     warmup_steps: int = field(default=0, metadata={"help": "Linear warmup steps."})
     zo_optimizer: str = field(
         default="mezo",
-        metadata={"help": "mezo: ZO-SGD (2 forwards and 3 passes over the parameters per direction, the MeZO "
-                  "paper). fzoo: N one-sided directions (--zo_num_directions, default 8) around one unperturbed "
-                  "forward, the step normalised by the spread of their losses (N + 1 forwards, 3N - 1 passes; "
+        metadata={"help": "mezo: ZO-SGD, the MeZO paper (n directions: 2n forwards and 4n - 1 passes over the "
+                  "parameters per step). fzoo: N one-sided directions (--zo_num_directions, default 8) around one "
+                  "unperturbed forward, the step normalised by the spread of their losses (N + 1 forwards, 3N - 1 passes; "
                   "FZOO, arXiv 2506.09034). sparse: MeZO on the elements below a per-parameter magnitude "
                   "threshold (--zo_sparsity; memory: 1 bit per parameter / world size for the step's mask; "
                   "Sparse MeZO, arXiv 2402.15751). adamezo: Adam-style update with moments rebuilt from the last "
@@ -348,7 +348,8 @@ def validate_zo_optimizer(cfg: TrainConfig) -> None:
     if zo.zo_optimizer not in NAMES:
         raise ConfigError(f"unknown --zo_optimizer {zo.zo_optimizer!r}; choose one of {', '.join(NAMES)}")
     if cfg.bp.trainer == "regular" and zo.zo_optimizer != "mezo":
-        raise ConfigError(f"--zo_optimizer {zo.zo_optimizer} is a zeroth-order setting; --trainer regular backpropagates")
+        raise ConfigError(f"--zo_optimizer {zo.zo_optimizer} is a zeroth-order setting; "
+                          "--trainer regular backpropagates")
     fzoo = zo.zo_optimizer == "fzoo"
     if zo.zo_perturbation is None:
         zo.zo_perturbation = "rademacher" if fzoo else "gaussian"

@@ -178,7 +178,8 @@ class SparseMeZO(MeZO):
         return {"thresholds": self.thresholds}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.thresholds = None if state.get("thresholds") is None else {k: int(v) for k, v in state["thresholds"].items()}
+        saved = state.get("thresholds")
+        self.thresholds = None if saved is None else {k: int(v) for k, v in saved.items()}
 
     def _owns(self, piece: Piece) -> bool:
         from mezo_dist.checkpoint import _owned  # the rank that writes a piece counts it
@@ -205,9 +206,10 @@ class SparseMeZO(MeZO):
     def _mask_of(self, piece: Piece, start: int, count: int) -> torch.Tensor:
         offset, numel, packed = self._masks[piece.name]
         if (offset, numel) != (piece.offset, piece.local.numel()):
+            now = (piece.offset, piece.offset + piece.local.numel())
             raise RuntimeError(f"parameter {piece.name} changed its layout on this rank within a step "
-                               f"([{offset}, {offset + numel}) -> [{piece.offset}, {piece.offset + piece.local.numel()})); "
-                               "the step's mask was taken for the former")
+                               f"([{offset}, {offset + numel}) -> [{now[0]}, {now[1]})); the step's mask was taken "
+                               "for the former")
         return unpack_mask(packed, start, count)
 
     def _done(self) -> None:

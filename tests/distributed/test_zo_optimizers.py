@@ -120,9 +120,9 @@ def test_replay_from_the_trajectory_rebuilds_the_run(name, layout, trained, tiny
     traj = rows(trained[name])
     assert all(r["optimizer"] == name for r in traj) and len(traj) == STEPS
     launcher, flags, _ = TRAIN_LAYOUTS[layout]
-    launch(launcher, "launch/replay.py", ["--model_name_or_path", str(tiny_models["opt"]), "--trajectory",
-                                          str(trained[name] / "trajectory.jsonl"), "--output_dir", str(tmp_path / "rebuilt"),
-                                          *flags])
+    launch(launcher, "launch/replay.py", ["--model_name_or_path", str(tiny_models["opt"]),
+                                          "--trajectory", str(trained[name] / "trajectory.jsonl"),
+                                          "--output_dir", str(tmp_path / "rebuilt"), *flags])
     ref, got = weights(trained[name] / "final"), weights(tmp_path / "rebuilt")
     worst = max((ref[k] - got[k]).abs().max().item() for k in ref)
     # The same passes in the same order on the same layout: bit for bit. Another layout: rounding.

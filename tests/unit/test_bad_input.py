@@ -78,7 +78,8 @@ CASES = [
      r"--zo_optimizer fzoo needs --zo_num_directions >= 2"),
     ("adamezo several directions", ["--zo_optimizer", "adamezo", "--zo_num_directions", "2"],
      r"--zo_optimizer adamezo takes one direction per step"),
-    ("sparsity one", ["--zo_optimizer", "sparse", "--zo_sparsity", "1.0"], r"--zo_sparsity must be in \[0, 1\), got 1.0"),
+    ("sparsity one", ["--zo_optimizer", "sparse", "--zo_sparsity", "1.0"],
+     r"--zo_sparsity must be in \[0, 1\), got 1.0"),
     ("sparse refresh negative", ["--zo_sparse_refresh=-1"], r"--zo_sparse_refresh must be >= 0"),
     ("zo beta out of range", ["--zo_optimizer", "adamezo", "--zo_beta1", "1"], r"--zo_beta1 must be in \[0, 1\)"),
     ("zo history zero", ["--zo_history", "0"], r"--zo_history must be >= 1, got 0"),
@@ -182,8 +183,10 @@ REPLAY_CASES = [
      r"is step 1, expected 0"),
     ("trajectory old format", lambda t: _write(t, '{"step": 0, "seed": 1, "projected_grad": 0.1, "lr": 0.1}'),
      r"line 1 lacks eps, wd"),
-    ("trajectory unknown optimizer", lambda t: _write(t, _ROW + ', "optimizer": "lion"}'), r"line 1 has unknown optimizer 'lion'"),
-    ("trajectory fzoo without sigma", lambda t: _write(t, _ROW + ', "optimizer": "fzoo", "directions": [[1, 0.1], [2, 0.2]]}'),
+    ("trajectory unknown optimizer", lambda t: _write(t, _ROW + ', "optimizer": "lion"}'),
+     r"line 1 has unknown optimizer 'lion'"),
+    ("trajectory fzoo without sigma",
+     lambda t: _write(t, _ROW + ', "optimizer": "fzoo", "directions": [[1, 0.1], [2, 0.2]]}'),
      r"line 1 lacks sigma \(fzoo\)"),
     ("trajectory changes optimizer", lambda t: _write(t, _ROW + "}\n" + _ROW.replace('"step": 0', '"step": 1')
                                                       + ', "optimizer": "adamezo", "beta1": 0.9, "beta2": 0.99, '

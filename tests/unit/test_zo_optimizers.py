@@ -73,7 +73,8 @@ def test_masked_pass_equals_dense_and_does_not_depend_on_the_shards(kind):
     hook = lambda piece, start, count: mask[piece.offset + start : piece.offset + start + count]  # noqa: E731
     passes.run_pass([Piece("w", whole, 0, n, True, False)], seed, op, kind=kind, kernel="blocks",
                     scratch=passes.Scratch(), mask=hook)
-    passes.run_pass(_split_pieces(parts, cut), seed, op, kind=kind, kernel="blocks", scratch=passes.Scratch(), mask=hook)
+    passes.run_pass(_split_pieces(parts, cut), seed, op, kind=kind, kernel="blocks", scratch=passes.Scratch(),
+                    mask=hook)
     assert torch.equal(whole, parts)
     z = noise.draw(noise.param_key(seed, "w"), 0, n, n, kind=kind) * mask
     assert torch.allclose(whole, (base + 1e-2 * z) * 0.9 - 3e-3 * z, atol=1e-6)
@@ -107,7 +108,8 @@ def test_multi_seed_pass_equals_dense_and_does_not_depend_on_the_shards():
         x.add_(acc)
 
     whole, parts = perturbed.clone(), perturbed.clone()
-    multipass.run_multi_pass([Piece("w", whole, 0, n, True, False)], seeds, op, kind="gaussian", kernel="blocks", held=held)
+    multipass.run_multi_pass([Piece("w", whole, 0, n, True, False)], seeds, op, kind="gaussian", kernel="blocks",
+                             held=held)
     multipass.run_multi_pass(_split_pieces(parts, cut), seeds, op, kind="gaussian", kernel="blocks", held=held)
     assert torch.equal(whole, parts)
     expected = base + sum(c * z * z for c, z in zip(coefs, zs))
@@ -308,31 +310,19 @@ def test_lr_zero_with_fp32_masters_gives_the_parameters_back_bit_for_bit(name):
 
 # -- the same passes on the fused Triton path (CUDA, or Triton's interpreter on CPU) -------------
 
-from tests.unit.test_perturbations import INTERPRETED, shards, triton_device  # noqa: E402,F401
+from tests.unit.test_perturbations import shards, triton_device  # noqa: E402,F401
 
 
 def test_fused_optimizer_passes_under_triton_interpreter():
-    import importlib.util
-    import os
-    import sys
+    from tests.helpers import run_fused_tests_under_interpreter
 
-    from tests.helpers import run_cmd
-
-    if passes.triton_available() or INTERPRETED:
-        pytest.skip("the fused tests run in this process")
-    if importlib.util.find_spec("triton") is None:
-        if os.environ.get("CI") == "true":
-            pytest.fail("triton is not installed: the fused pass cannot be tested")
-        pytest.skip("needs triton (its interpreter runs the fused pass on CPU)")
-    proc = run_cmd([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k",
-                    "test_fused and not interpreter"], timeout=600, TRITON_INTERPRET="1")
-    tail = proc.stdout.strip().splitlines()[-1]
-    assert "passed" in tail and "skipped" not in tail and "failed" not in tail, proc.stdout[-3000:]
+    run_fused_tests_under_interpreter(__file__)
 
 
 def _fused_z(seed: int, n: int, device: str) -> torch.Tensor:
     z = torch.zeros(n, device=device)
-    passes.run_pass(shards(z, "w", 1), seed, passes.Affine(1.0), kind="gaussian", kernel="triton", scratch=passes.Scratch())
+    passes.run_pass(shards(z, "w", 1), seed, passes.Affine(1.0), kind="gaussian", kernel="triton",
+                    scratch=passes.Scratch())
     return z
 
 

@@ -24,7 +24,8 @@ CASES = {
 
 
 def collectives(prof) -> list[dict]:
-    return [{"op": e.name[len("gloo:"):], "shapes": e.input_shapes} for e in prof.events() if e.name.startswith("gloo:")]
+    prefix = "gloo:"
+    return [{"op": e.name[len(prefix):], "shapes": e.input_shapes} for e in prof.events() if e.name.startswith(prefix)]
 
 
 def main() -> None:
