@@ -122,14 +122,46 @@ class ZOArguments:
     weight_decay: float = field(default=0.0, metadata={"help": "Weight decay (not on biases and norm weights)."})
     lr_scheduler_type: str = field(default="constant", metadata={"help": "Learning-rate schedule."})
     warmup_steps: int = field(default=0, metadata={"help": "Linear warmup steps."})
-    zo_num_directions: int = field(
-        default=1, metadata={"help": "Perturbations averaged per MeZO step (n-SPSA); each costs two forward passes."}
+    zo_optimizer: str = field(
+        default="mezo",
+        metadata={"help": "mezo: ZO-SGD, the MeZO paper (n directions: 2n forwards and 4n - 1 passes over the "
+                  "parameters per step). fzoo: N one-sided directions (--zo_num_directions, default 8) around one "
+                  "unperturbed forward, the step normalised by the spread of their losses (N + 1 forwards, 3N - 1 passes; "
+                  "FZOO, arXiv 2506.09034). sparse: MeZO on the elements below a per-parameter magnitude "
+                  "threshold (--zo_sparsity; memory: 1 bit per parameter / world size for the step's mask; "
+                  "Sparse MeZO, arXiv 2402.15751). adamezo: Adam-style update with moments rebuilt from the last "
+                  "--zo_history seeds (2 forwards, 3 passes; the update pass draws h z: h - 1 more z draws per "
+                  "step than mezo; AdaMeZO, arXiv 2605.00650). None keeps per-parameter state; each adds no "
+                  "collective but its one all-reduce of a few losses (sparse: up to 8 small count all-reduces "
+                  "on a step that recomputes its thresholds)."},
     )
-    zo_perturbation: str = field(
-        default="gaussian",
-        metadata={"help": "Distribution of z: gaussian (the paper's) or rademacher (z = +-1, several times cheaper "
-                  "to draw on CPU)."},
+    zo_num_directions: Optional[int] = field(
+        default=None,
+        metadata={"help": "Directions per step: averaged n-SPSA estimates for mezo and sparse (each costs two "
+                  "forward passes), FZOO's N (each costs one; at least 2); adamezo takes 1. Default: 8 for fzoo, "
+                  "else 1."},
     )
+    zo_perturbation: Optional[str] = field(
+        default=None,
+        metadata={"help": "Distribution of z: gaussian (the MeZO paper's) or rademacher (z = +-1, several times "
+                  "cheaper to draw on CPU). Default: rademacher for fzoo (the FZOO paper's), else gaussian."},
+    )
+    zo_sparsity: float = field(
+        default=0.75, metadata={"help": "--zo_optimizer sparse: fraction of each parameter's elements left frozen "
+                                "(the largest magnitudes)."}
+    )
+    zo_sparse_refresh: int = field(
+        default=0, metadata={"help": "--zo_optimizer sparse: recompute the thresholds from the current weights every "
+                             "N steps (0: from the step-0 weights only); a recomputing step adds up to 8 all-reduces "
+                             "of 15 counts per parameter."}
+    )
+    zo_beta1: float = field(default=0.9, metadata={"help": "--zo_optimizer adamezo: first-moment decay."})
+    zo_beta2: float = field(default=0.99, metadata={"help": "--zo_optimizer adamezo: second-moment decay."})
+    zo_history: int = field(
+        default=8, metadata={"help": "--zo_optimizer adamezo: steps h whose (seed, projected gradient) rebuild the "
+                             "moments; its update pass draws h z."}
+    )
+    zo_adam_eps: float = field(default=1e-8, metadata={"help": "--zo_optimizer adamezo: added to sqrt(v)."})
     zo_kernel: str = field(
         default="auto",
         metadata={"help": "How z is drawn and applied: auto (= compiled, on every device), compiled (z a hash of "
@@ -269,6 +301,7 @@ def _positive(name: str, value: float, *, strict: bool = True) -> None:
 
 def validate(cfg: TrainConfig) -> None:
     run, zo = cfg.run, cfg.zo
+    validate_zo_optimizer(cfg)
     if run.backend not in BACKENDS:
         raise ConfigError(f"unknown backend {run.backend!r}; choose one of {', '.join(BACKENDS)}")
     for flag, value, allowed in (
@@ -358,6 +391,38 @@ def validate_max_length(cfg: TrainConfig, positions: int | None) -> None:
         given = "" if cfg.data.max_length else " (the default for --train_file text)"
         raise ConfigError(f"--max_length {want}{given} exceeds the {positions} positions of "
                           f"{cfg.model.model_name_or_path}; pass --max_length {positions} or less")
+
+
+def validate_zo_optimizer(cfg: TrainConfig) -> None:
+    """--zo_optimizer and its flags; fills the defaults that depend on it."""
+    from mezo_dist.zo.optimizers import NAMES
+
+    zo = cfg.zo
+    if zo.zo_optimizer not in NAMES:
+        raise ConfigError(f"unknown --zo_optimizer {zo.zo_optimizer!r}; choose one of {', '.join(NAMES)}")
+    if cfg.bp.trainer == "regular" and zo.zo_optimizer != "mezo":
+        raise ConfigError(f"--zo_optimizer {zo.zo_optimizer} is a zeroth-order setting; "
+                          "--trainer regular backpropagates")
+    fzoo = zo.zo_optimizer == "fzoo"
+    if zo.zo_perturbation is None:
+        zo.zo_perturbation = "rademacher" if fzoo else "gaussian"
+    if zo.zo_num_directions is None:
+        zo.zo_num_directions = 8 if fzoo else 1
+    if fzoo and zo.zo_num_directions < 2:
+        raise ConfigError(f"--zo_optimizer fzoo needs --zo_num_directions >= 2 (the spread of their losses), "
+                          f"got {zo.zo_num_directions}")
+    if zo.zo_optimizer == "adamezo" and zo.zo_num_directions != 1:
+        raise ConfigError("--zo_optimizer adamezo takes one direction per step; drop --zo_num_directions")
+    if not 0.0 <= zo.zo_sparsity < 1.0:
+        raise ConfigError(f"--zo_sparsity must be in [0, 1), got {zo.zo_sparsity}")
+    if zo.zo_sparse_refresh < 0:
+        raise ConfigError(f"--zo_sparse_refresh must be >= 0, got {zo.zo_sparse_refresh}")
+    for name in ("zo_beta1", "zo_beta2"):
+        if not 0.0 <= getattr(zo, name) < 1.0:
+            raise ConfigError(f"--{name} must be in [0, 1), got {getattr(zo, name)}")
+    if zo.zo_history < 1:
+        raise ConfigError(f"--zo_history must be >= 1, got {zo.zo_history}")
+    _positive("zo_adam_eps", zo.zo_adam_eps)
 
 
 PRECISIONS = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
@@ -471,6 +536,10 @@ def resume_fields(cfg: TrainConfig) -> dict[str, Any]:
         fields["zo_num_directions"] = cfg.zo.zo_num_directions
     if cfg.zo.zo_perturbation != "gaussian":  # absent from older checkpoints: gaussian
         fields["zo_perturbation"] = cfg.zo.zo_perturbation
+    if cfg.zo.zo_optimizer != "mezo":  # absent from older checkpoints: mezo
+        from mezo_dist.zo.optimizers import hyper_from_args
+
+        fields.update(zo_optimizer=cfg.zo.zo_optimizer, **hyper_from_args(cfg.zo.zo_optimizer, cfg.zo))
     if mixed_precision(cfg):
         fields["precision"] = cfg.zo.precision
     if cfg.bp.trainer == "regular":

@@ -58,6 +58,7 @@ def read_trajectory(path: str | Path) -> list[dict[str, Any]]:
             raise ConfigError(f"trajectory {path} line {n} has unknown noise stream {row['noise']!r}")
         if rows and row.get("precision") != rows[0].get("precision"):
             raise ConfigError(f"trajectory {path} line {n} changes precision mid-run")
+        _check_optimizer(row, rows[0] if rows else row, f"trajectory {path} line {n}")
         rows.append(row)
     if not rows:
         raise ConfigError(f"trajectory {path} is empty")
@@ -88,10 +89,27 @@ def _check_types(row: dict[str, Any], where: str) -> None:
         raise ConfigError(f"{where}: directions must be a list of [seed, projected_grad] pairs")
 
 
+def _check_optimizer(row: dict[str, Any], first: dict[str, Any], where: str) -> None:
+    """The zeroth-order optimizer of a row (none: mezo) is known, holds what its replay needs and
+    is the run's from its first row, hyper-parameters included."""
+    from mezo_dist.zo.optimizers import HYPER_FLAGS, NAMES, ROW_FIELDS
+
+    name = row.get("optimizer", "mezo")
+    if name not in NAMES:
+        raise ConfigError(f"{where} has unknown optimizer {name!r}")
+    if name != first.get("optimizer", "mezo"):
+        raise ConfigError(f"{where} changes optimizer mid-run")
+    missing = [k for k in ROW_FIELDS[name] if k not in row and not (k == "sigma" and row.get("skipped"))]
+    if missing:
+        raise ConfigError(f"{where} lacks {', '.join(missing)} ({name})")
+    changed = [k for k in HYPER_FLAGS[name] if row[k] != first[k]]
+    if changed:
+        raise ConfigError(f"{where} changes {changed[0]} mid-run")
+
+
 def replay(placement, rows: list[dict[str, Any]]) -> None:
     """Apply every logged step to ``placement`` in order."""
-    from mezo_dist.zo import passes
-    from mezo_dist.zo.step import MeZO
+    from mezo_dist.zo import optimizers, passes
 
     streams = {row.get("noise", "blocks") for row in rows}
     if len(streams) > 1:
@@ -100,15 +118,16 @@ def replay(placement, rows: list[dict[str, Any]]) -> None:
     # The path that drew the run's z, not this device's default: a CPU run replays on a GPU too.
     kernel = passes.kernel_for_stream(streams.pop())
     try:
-        zo = MeZO(placement, lr=0.0, eps=rows[0]["eps"], kernel=kernel)
+        zo = optimizers.for_replay(placement, rows[0], kernel=kernel)
     except ValueError as e:
+        if kernel != "triton":
+            raise ConfigError(f"trajectory cannot be replayed: {e}") from None
         raise ConfigError(f"trajectory was drawn by the fused CUDA pass (philox stream) and {e}") from None
     placement.eval()
     for row in rows:
         zo.eps, zo.weight_decay = float(row["eps"]), float(row["wd"])
         zo.perturbation = row.get("perturbation", "gaussian")
-        zo.replay(int(row["seed"]), float(row["projected_grad"]), float(row["lr"]), skipped=bool(row.get("skipped")),
-                  directions=row.get("directions"))
+        optimizers.replay_row(zo, row)
 
 
 def main(argv: list[str] | None = None) -> int:

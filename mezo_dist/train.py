@@ -20,6 +20,7 @@ from mezo_dist.placement.base import Placement
 from mezo_dist.replicas import check_replicas
 from mezo_dist.schedule import lr_schedule
 from mezo_dist.tasks.base import Sample
+from mezo_dist.zo import optimizers
 from mezo_dist.zo.step import MeZO, StepResult
 
 
@@ -142,6 +143,7 @@ def trajectory_row(res: StepResult, zo: MeZO, precision: str | None = None) -> d
         row["directions"] = [[seed, g] for seed, g in res.directions]
     if res.skipped:
         row["skipped"] = True
+    row.update(optimizers.row_fields(zo, res))  # the optimizer's name, hyper-parameters, scalars; none for mezo
     return row
 
 
@@ -183,14 +185,16 @@ def train(cfg: TrainConfig, state: DistState) -> dict[str, Any]:
 
         zo = Backprop(placement, cfg.bp, lr=schedule, weight_decay=cfg.zo.weight_decay)
     else:
-        zo = MeZO(placement, lr=schedule, eps=cfg.zo.zo_eps, weight_decay=cfg.zo.weight_decay, seed=run.seed,
-                  num_directions=cfg.zo.zo_num_directions, perturbation=cfg.zo.zo_perturbation,
-                  kernel=cfg.zo.zo_kernel)
+        zo = optimizers.build(cfg.zo.zo_optimizer, placement, lr=schedule, eps=cfg.zo.zo_eps,
+                              weight_decay=cfg.zo.weight_decay, seed=run.seed, num_directions=cfg.zo.zo_num_directions,
+                              perturbation=cfg.zo.zo_perturbation, kernel=cfg.zo.zo_kernel,
+                              **optimizers.hyper_from_args(cfg.zo.zo_optimizer, cfg.zo))
     start, skipped, best = 0, 0, None
     if run.resume_from_checkpoint:
         saved = load_checkpoint(placement, run.resume_from_checkpoint)
         start, skipped = int(saved["step"]), int(saved["skipped_steps"])
         best = saved.get("best")
+        optimizers.load_state_dict(zo, saved.get("optimizer_state"))
         if state.is_main:
             print(f"resumed from {run.resume_from_checkpoint} at step {start}", flush=True)
     zo.step_index = start
@@ -279,6 +283,9 @@ def _loop(cfg, state, placement, zo, objective, evaluator, logger, start, skippe
                                 {"step": done, "skipped_steps": skipped, "backend": run.backend, "run": fields})
         trainer_state = {"step": done, "skipped_steps": skipped, "backend": run.backend, "run": fields,
                          "best": evaluator.best}
+        opt_state = optimizers.state_dict(zo)
+        if opt_state is not None:  # what a resume needs beyond the parameters (sparse thresholds, adamezo history)
+            trainer_state["optimizer_state"] = opt_state
         if run.save_steps and done % run.save_steps == 0:
             save_checkpoint(placement, f"{run.output_dir}/checkpoint-{done}", trainer_state)
             if state.is_main:

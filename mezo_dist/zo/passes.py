@@ -24,6 +24,11 @@ An op may also be a plain callable ``fn(x, z, piece)`` that edits ``x`` given a 
 slice of z; on the ``compiled`` and ``triton`` paths z is then drawn into a buffer by the same
 kernel, so both kinds of op see the same z.
 
+A pass may take a ``mask``: ``mask(piece, start, count)`` gives the elementwise factor (0/1) of
+the piece's local elements ``[start, start + count)``, and the op sees ``mask * z`` instead of z
+(Sparse MeZO, ``sparse.py``). It is a per-piece elementwise hook on z only, so every path and op
+takes it the same way; on ``compiled`` and ``triton`` a masked pass materialises z first.
+
 Pieces with a ``compute`` storage (``--precision`` over fp32 masters, see
 ``placement/masters.py``) are edited differently: the master takes only the update
 (``x <- x c + b z``), and the storage receives ``master + o z``, where ``o`` is the perturbation
@@ -71,6 +76,8 @@ class Affine:
 
 
 Op = Union[Affine, Callable[[torch.Tensor, torch.Tensor, Piece], None]]
+# mask(piece, start, count) -> 0/1 factors of the piece's local elements [start, start + count).
+Mask = Callable[[Piece, int, int], torch.Tensor]
 
 
 def triton_available() -> bool:
@@ -200,11 +207,13 @@ class Scratch:
 
 
 def run_pass(
-    pieces: list[Piece], seed: int, op: Op, *, kind: str, kernel: str, scratch: Scratch, offset: float = 0.0
+    pieces: list[Piece], seed: int, op: Op, *, kind: str, kernel: str, scratch: Scratch, offset: float = 0.0,
+    mask: Mask | None = None,
 ) -> bool:
     """Apply ``op`` with the z of step seed ``seed`` to every piece (in place, under no_grad).
 
     ``offset`` is the perturbation scale the pieces' ``compute`` storage holds before the pass.
+    ``mask`` (optional) multiplies z elementwise (see the module docstring).
     Returns whether any piece had a ``compute`` storage (which the pass then wrote).
     """
     pieces = [p for p in pieces if p.local.numel() > 0]
@@ -212,9 +221,9 @@ def run_pass(
         return False
     path = resolve_kernel(kernel, pieces[0].local.device)
     if path == "blocks":
-        _blocks_pass(pieces, seed, op, kind, scratch, offset)
+        _blocks_pass(pieces, seed, op, kind, scratch, offset, mask)
     else:
-        _fused_pass(path, pieces, seed, op, kind, scratch, offset)
+        _fused_pass(path, pieces, seed, op, kind, scratch, offset, mask)
     return any(p.compute is not None for p in pieces)
 
 
@@ -247,7 +256,8 @@ def _apply_master(op: Op, master: torch.Tensor, z: torch.Tensor, piece: Piece, c
         compute.copy_(torch.add(master, z, alpha=scale))
 
 
-def _blocks_pass(pieces: list[Piece], seed: int, op: Op, kind: str, scratch: Scratch, offset: float) -> None:
+def _blocks_pass(pieces: list[Piece], seed: int, op: Op, kind: str, scratch: Scratch, offset: float,
+                 mask: Mask | None = None) -> None:
     # (piece, key, block, block start, block length, lo, hi) for every block of every piece.
     tasks = []
     for piece in pieces:
@@ -269,7 +279,10 @@ def _blocks_pass(pieces: list[Piece], seed: int, op: Op, kind: str, scratch: Scr
         piece, _, _, b_start, _, lo, hi = tasks[i]
         start = lo - piece.offset
         compute = None if piece.compute is None else piece.compute[start : start + hi - lo]
-        _apply(op, piece.local[start : start + hi - lo], z[lo - b_start : hi - b_start], piece, compute, offset)
+        zs = z[lo - b_start : hi - b_start]
+        if mask is not None:
+            zs.mul_(mask(piece, start, hi - lo))
+        _apply(op, piece.local[start : start + hi - lo], zs, piece, compute, offset)
 
     if workers == 1:
         for i in range(len(tasks)):
@@ -284,14 +297,15 @@ def _blocks_pass(pieces: list[Piece], seed: int, op: Op, kind: str, scratch: Scr
 
 
 def _fused_pass(path: str, pieces: list[Piece], seed: int, op: Op, kind: str, scratch: Scratch,
-                offset: float) -> None:
+                offset: float, mask: Mask | None = None) -> None:
     """The ``compiled`` and ``triton`` paths: an Affine op runs in their kernel (with masters too
-    on ``compiled``); anything else gets z materialised by that kernel, a block at a time."""
+    on ``compiled``); anything else, or a masked pass, gets z materialised by that kernel, a
+    block at a time."""
     from mezo_dist.zo import compiled
 
     for piece in pieces:
         key = noise.param_key(seed, piece.name)
-        if isinstance(op, Affine):
+        if isinstance(op, Affine) and mask is None:
             c = op.c if piece.decay else 1.0
             contiguous = piece.local.is_contiguous() and (piece.compute is None or piece.compute.is_contiguous())
             if path == "compiled" and contiguous:
@@ -310,5 +324,7 @@ def _fused_pass(path: str, pieces: list[Piece], seed: int, op: Op, kind: str, sc
             count = min(noise.BLOCK, n - start)
             z = draw(path, key, piece.offset + start, count, piece.full_numel, kind=kind, device=piece.local.device,
                      out=buf[:count])
+            if mask is not None:
+                z.mul_(mask(piece, start, count))
             compute = None if piece.compute is None else piece.compute[start : start + count]
             _apply(op, piece.local[start : start + count], z, piece, compute, offset)

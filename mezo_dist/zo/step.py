@@ -101,6 +101,8 @@ class MeZO:
         # The perturbation the model holds now, as (seed, scale): pieces with fp32 masters keep
         # it out of the masters, in their compute storage (see zo/passes.py).
         self._perturbed: tuple[int, float] = (0, 0.0)
+        # An elementwise factor on z in every pass (Sparse MeZO sets it, see zo/sparse.py).
+        self.mask: passes.Mask | None = None
 
     @property
     def noise_stream(self) -> str:
@@ -117,7 +119,7 @@ class MeZO:
         if offset != 0.0 and held_seed != seed:
             raise RuntimeError(f"a pass with seed {seed} while the perturbation of seed {held_seed} is applied")
         wrote = passes.run_pass(self.placement.pieces(), seed, fn, kind=self.perturbation, kernel=self.kernel,
-                                scratch=self._scratch, offset=offset)
+                                scratch=self._scratch, offset=offset, mask=self.mask)
         if isinstance(fn, passes.Affine):
             self._perturbed = (seed, offset + fn.a)
         self.placement.compute_synced = wrote

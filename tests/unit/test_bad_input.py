@@ -166,6 +166,19 @@ CASES = [
     ("prefix length zero", ["--prefix_tuning", "--num_prefix", "0"], r"--num_prefix must be >= 1"),
     ("unknown perturbation", ["--zo_perturbation", "uniform"], r"unknown --zo_perturbation 'uniform'"),
     ("unknown kernel", ["--zo_kernel", "cuda"], r"unknown --zo_kernel 'cuda'; choose one of auto, compiled, blocks, triton"),
+    ("unknown zo optimizer", ["--zo_optimizer", "adam"], r"unknown --zo_optimizer 'adam'; choose one of mezo, fzoo"),
+    ("zo optimizer with backprop", ["--trainer", "regular", "--zo_optimizer", "fzoo"],
+     r"--zo_optimizer fzoo is a zeroth-order setting"),
+    ("fzoo one direction", ["--zo_optimizer", "fzoo", "--zo_num_directions", "1"],
+     r"--zo_optimizer fzoo needs --zo_num_directions >= 2"),
+    ("adamezo several directions", ["--zo_optimizer", "adamezo", "--zo_num_directions", "2"],
+     r"--zo_optimizer adamezo takes one direction per step"),
+    ("sparsity one", ["--zo_optimizer", "sparse", "--zo_sparsity", "1.0"],
+     r"--zo_sparsity must be in \[0, 1\), got 1.0"),
+    ("sparse refresh negative", ["--zo_sparse_refresh=-1"], r"--zo_sparse_refresh must be >= 0"),
+    ("zo beta out of range", ["--zo_optimizer", "adamezo", "--zo_beta1", "1"], r"--zo_beta1 must be in \[0, 1\)"),
+    ("zo history zero", ["--zo_history", "0"], r"--zo_history must be >= 1, got 0"),
+    ("zo adam eps zero", ["--zo_adam_eps", "0"], r"--zo_adam_eps must be > 0"),
     ("unknown precision", ["--precision", "fp8"], r"unknown --precision 'fp8'"),
     ("precision contradicts dtype", ["--torch_dtype", "bfloat16", "--precision", "fp16"],
      r"--precision fp16 contradicts --torch_dtype bfloat16"),
@@ -418,8 +431,20 @@ REPLAY_CASES = [
      r"line 1: lr, eps and wd must be finite and eps > 0"),
     ("trajectory directions malformed", lambda t: _write(t, ROW.replace("}", ', "directions": [[1]]}')),
      r"line 1: directions must be a list of \[seed, projected_grad\] pairs"),
+    ("trajectory unknown optimizer", lambda t: _write(t, _ROW + ', "optimizer": "lion"}'),
+     r"line 1 has unknown optimizer 'lion'"),
+    ("trajectory fzoo without sigma",
+     lambda t: _write(t, _ROW + ', "optimizer": "fzoo", "directions": [[1, 0.1], [2, 0.2]]}'),
+     r"line 1 lacks sigma \(fzoo\)"),
+    ("trajectory changes optimizer", lambda t: _write(t, _ROW + "}\n" + _ROW.replace('"step": 0', '"step": 1')
+                                                      + ', "optimizer": "adamezo", "beta1": 0.9, "beta2": 0.99, '
+                                                      '"history": 8, "adam_eps": 1e-8}'),
+     r"line 2 changes optimizer mid-run"),
 ]
 ROW = '{"step": 0, "seed": 1, "projected_grad": 0.1, "lr": 0.1, "eps": 0.001, "wd": 0}'
+
+
+_ROW = '{"step": 0, "seed": 1, "projected_grad": 0.1, "lr": 0.1, "eps": 0.001, "wd": 0'
 
 
 def _write(t, line):

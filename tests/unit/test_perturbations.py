@@ -15,7 +15,6 @@ import torch
 from mezo_dist import MeZO, wrap
 from mezo_dist.placement.base import Piece
 from mezo_dist.zo import noise, passes
-from tests.helpers import run_cmd
 
 
 @pytest.fixture
@@ -133,19 +132,9 @@ def triton_device():
 
 
 def test_fused_pass_under_triton_interpreter():
-    import importlib.util
-    import sys
+    from tests.helpers import run_fused_tests_under_interpreter
 
-    if passes.triton_available() or INTERPRETED:
-        pytest.skip("the fused tests run in this process")
-    if importlib.util.find_spec("triton") is None:
-        if os.environ.get("CI") == "true":
-            pytest.fail("triton is not installed: the fused pass cannot be tested (scripts/setup.sh installs it)")
-        pytest.skip("needs triton (its interpreter runs the fused pass on CPU)")
-    proc = run_cmd([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k", "test_fused and not interpreter"],
-                   timeout=600, TRITON_INTERPRET="1")
-    tail = proc.stdout.strip().splitlines()[-1]
-    assert "passed" in tail and "skipped" not in tail and "failed" not in tail, proc.stdout[-3000:]
+    run_fused_tests_under_interpreter(__file__)
 
 
 @pytest.mark.parametrize("kind", noise.KINDS)
