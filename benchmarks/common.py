@@ -27,6 +27,32 @@ def machine() -> str:
     return text
 
 
+def sync(device) -> None:
+    """Wait for the device's queued work (CUDA runs asynchronously; CPU work is done on return)."""
+    if device.type == "cuda":
+        import torch
+
+        torch.cuda.synchronize(device)
+
+
+def timed(fn, device, iters: int, warmup: int = 1) -> float:
+    """Median seconds of ``iters`` calls of ``fn`` after ``warmup`` untimed ones (buffers, thread
+    pools, kernel compilation), the device synchronised around each call."""
+    import statistics
+    import time
+
+    for _ in range(warmup):
+        fn()
+    out = []
+    for _ in range(iters):
+        sync(device)
+        t0 = time.perf_counter()
+        fn()
+        sync(device)
+        out.append(time.perf_counter() - t0)
+    return statistics.median(out)
+
+
 def save_figure(fig, path: Path, *, dpi: int = 110) -> None:
     """Write a matplotlib figure atomically (a reader never sees half a PNG) and close it."""
     import matplotlib.pyplot as plt

@@ -23,15 +23,15 @@ import argparse
 import json
 import os
 import platform
-import statistics
 import sys
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
+
+from benchmarks.common import sync, timed  # noqa: E402
 
 # A stand-in for the OPT sizes in --dry-run: small enough for a CPU in CI, same code path.
 TINY = (64, 2, 128, 512, 4)
@@ -60,24 +60,6 @@ def opt_model(dims: tuple[int, int, int, int, int], device: torch.device, dtype:
     finally:
         torch.set_default_dtype(old)
     return model.eval()
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def timed(fn, device: torch.device, iters: int, warmup: int = 1) -> float:
-    for _ in range(warmup):
-        fn()
-    out = []
-    for _ in range(iters):
-        sync(device)
-        t0 = time.perf_counter()
-        fn()
-        sync(device)
-        out.append(time.perf_counter() - t0)
-    return statistics.median(out)
 
 
 def copy_bandwidth(device: torch.device, numel: int, iters: int) -> float:

@@ -27,7 +27,6 @@ import argparse
 import json
 import os
 import platform
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -36,6 +35,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
+
+from benchmarks.common import sync, timed  # noqa: E402
 
 # SmolLM2-135M's shapes (its config.json): tied embeddings, 30 layers, hidden 576, GQA 9/3 heads.
 SMOLLM2_135M = dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
@@ -49,23 +50,6 @@ def build_model(device: torch.device) -> torch.nn.Module:
     with torch.device(device):
         model = LlamaForCausalLM(LlamaConfig(**SMOLLM2_135M))
     return model.eval()
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
-def timed(fn, device: torch.device, repeats: int) -> float:
-    fn()  # warm-up (buffers, thread pool, kernel compilation)
-    out = []
-    for _ in range(repeats):
-        sync(device)
-        t0 = time.perf_counter()
-        fn()
-        sync(device)
-        out.append(time.perf_counter() - t0)
-    return statistics.median(out)
 
 
 def reference_pass(model: torch.nn.Module, eps: float, seed: int) -> None:
