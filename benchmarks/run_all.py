@@ -237,16 +237,22 @@ def ratios_step_cost(d: dict) -> list[str]:
 
 
 def ratios_perturb(d: dict) -> list[str]:
+    """Each path against the reference at the same thread count (rows named ``<path> 1 thread``
+    are the 1-thread runs): a 2-thread pass against a 1-thread reference would flatter it."""
     rows = d["rows"]
-    ref = next((r for r in rows if r["path"] == "reference"), None)
-    if ref is None:
-        return []
+
+    def threads(r: dict) -> str:
+        return " 1 thread" if r["path"].endswith(" 1 thread") else ""
+
+    refs = {threads(r): r for r in rows if r["path"].removesuffix(" 1 thread") == "reference"}
     out = []
     for r in rows:
-        if r["path"] != "reference":
+        ref = refs.get(threads(r))
+        if ref is not None and r is not ref:
             out.append(f"{r['path']} ({r['perturbation']}): {r['elements_per_s'] / ref['elements_per_s']:.2f}x the "
                        "reference's elements/s")
-    return ["Against the reference's per-parameter `torch.normal`: " + "; ".join(out) + "."] if out else []
+    return ["Against the reference's per-parameter `torch.normal` at the same thread count: " + "; ".join(out) + "."] \
+        if out else []
 
 
 def ratios_memory(d: dict) -> list[str]:

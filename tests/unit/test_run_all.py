@@ -142,3 +142,13 @@ def test_fidelity_ratios_quote_points_over_zero_shot():
     assert lines == ["SST2 / paper: zero-shot 53.5, ICL 54.0 (+0.5 points), MeZO after 400 steps 65.5 (+12.0 points), "
                      "backprop after 400 steps 90.0 (+36.5 points)",
                      "RTE / paper: zero-shot 50.0"]
+
+
+def test_perturb_ratios_pair_rows_by_thread_count():
+    rows = [{"path": "reference", "perturbation": "gaussian", "elements_per_s": 2.0},
+            {"path": "reference 1 thread", "perturbation": "gaussian", "elements_per_s": 1.0},
+            {"path": "compiled", "perturbation": "gaussian", "elements_per_s": 8.0},
+            {"path": "compiled 1 thread", "perturbation": "gaussian", "elements_per_s": 3.0}]
+    (line,) = run_all.ratios_perturb({"rows": rows})
+    assert "compiled (gaussian): 4.00x" in line and "compiled 1 thread (gaussian): 3.00x" in line
+    assert "reference" not in line.split(":", 1)[1].split("x the")[0]
