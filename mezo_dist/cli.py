@@ -6,7 +6,9 @@ import os
 import sys
 from typing import Any, Callable
 
+from mezo_dist import interrupt
 from mezo_dist.errors import ConfigError, TrainingError
+from mezo_dist.interrupt import Interrupted
 
 
 def say(msg: str) -> None:
@@ -25,6 +27,16 @@ def quiet_other_ranks(state) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """``launch/train.py``: 0 done, 1 a run that could not go on, 2 bad input, 130 / 143 stopped
+    by SIGINT / SIGTERM (with one line saying which checkpoint a resume starts from)."""
+    with interrupt.handling():
+        try:
+            return _main(argv)
+        except Interrupted as e:
+            return interrupt.stop(e.signum)
+
+
+def _main(argv: list[str] | None) -> int:
     from mezo_dist.config import parse_args
 
     try:
@@ -33,6 +45,9 @@ def main(argv: list[str] | None = None) -> int:
         say(str(e))
         return 2
 
+    from mezo_dist.checkpoint import resume_hint
+
+    interrupt.describe_with(lambda: resume_hint(cfg.run.output_dir))
     from mezo_dist.train import train
 
     def body(state) -> int:
@@ -53,7 +68,9 @@ def run_on_ranks(body: Callable[[Any], int], **init_kwargs: Any) -> int:
 
     A ConfigError (exit 2) or TrainingError (exit 1) is raised on every rank alike (the same
     input, the same all-reduced losses), so it ends with the closing barrier. Any other error
-    skips it: the other ranks may wait in a collective this rank will never join.
+    skips it: the other ranks may wait in a collective this rank will never join. So does an
+    interrupt (exit 128 + the signal); a rank whose collective failed because a peer was
+    interrupted leaves quietly with the peer's exit code instead of a traceback.
     """
     from mezo_dist.distributed import init_distributed, teardown
 
@@ -72,5 +89,13 @@ def run_on_ranks(body: Callable[[Any], int], **init_kwargs: Any) -> int:
         clean = True
         say(str(e))
         return 1
+    except BaseException as e:
+        signum = e.signum if isinstance(e, Interrupted) else interrupt.received()
+        if signum is not None:
+            return interrupt.stop(signum)
+        signum = interrupt.peer_signal() if isinstance(e, Exception) else None
+        if signum is not None:
+            return interrupt.exit_code(signum)
+        raise
     finally:
         teardown(clean=clean)

@@ -122,19 +122,52 @@ class ZOArguments:
     weight_decay: float = field(default=0.0, metadata={"help": "Weight decay (not on biases and norm weights)."})
     lr_scheduler_type: str = field(default="constant", metadata={"help": "Learning-rate schedule."})
     warmup_steps: int = field(default=0, metadata={"help": "Linear warmup steps."})
-    zo_num_directions: int = field(
-        default=1, metadata={"help": "Perturbations averaged per MeZO step (n-SPSA); each costs two forward passes."}
+    zo_optimizer: str = field(
+        default="mezo",
+        metadata={"help": "mezo: ZO-SGD, the MeZO paper (n directions: 2n forwards and 4n - 1 passes over the "
+                  "parameters per step). fzoo: N one-sided directions (--zo_num_directions, default 8) around one "
+                  "unperturbed forward, the step normalised by the spread of their losses (N + 1 forwards, 3N - 1 passes; "
+                  "FZOO, arXiv 2506.09034). sparse: MeZO on the elements below a per-parameter magnitude "
+                  "threshold (--zo_sparsity; memory: 1 bit per parameter / world size for the step's mask; "
+                  "Sparse MeZO, arXiv 2402.15751). adamezo: Adam-style update with moments rebuilt from the last "
+                  "--zo_history seeds (2 forwards, 3 passes; the update pass draws h z: h - 1 more z draws per "
+                  "step than mezo; AdaMeZO, arXiv 2605.00650). None keeps per-parameter state; each adds no "
+                  "collective but its one all-reduce of a few losses (sparse: up to 8 small count all-reduces "
+                  "on a step that recomputes its thresholds)."},
     )
-    zo_perturbation: str = field(
-        default="gaussian",
-        metadata={"help": "Distribution of z: gaussian (the paper's) or rademacher (z = +-1, several times cheaper "
-                  "to draw on CPU)."},
+    zo_num_directions: Optional[int] = field(
+        default=None,
+        metadata={"help": "Directions per step: averaged n-SPSA estimates for mezo and sparse (each costs two "
+                  "forward passes), FZOO's N (each costs one; at least 2); adamezo takes 1. Default: 8 for fzoo, "
+                  "else 1."},
     )
+    zo_perturbation: Optional[str] = field(
+        default=None,
+        metadata={"help": "Distribution of z: gaussian (the MeZO paper's) or rademacher (z = +-1, several times "
+                  "cheaper to draw on CPU). Default: rademacher for fzoo (the FZOO paper's), else gaussian."},
+    )
+    zo_sparsity: float = field(
+        default=0.75, metadata={"help": "--zo_optimizer sparse: fraction of each parameter's elements left frozen "
+                                "(the largest magnitudes)."}
+    )
+    zo_sparse_refresh: int = field(
+        default=0, metadata={"help": "--zo_optimizer sparse: recompute the thresholds from the current weights every "
+                             "N steps (0: from the step-0 weights only); a recomputing step adds up to 8 all-reduces "
+                             "of 15 counts per parameter."}
+    )
+    zo_beta1: float = field(default=0.9, metadata={"help": "--zo_optimizer adamezo: first-moment decay."})
+    zo_beta2: float = field(default=0.99, metadata={"help": "--zo_optimizer adamezo: second-moment decay."})
+    zo_history: int = field(
+        default=8, metadata={"help": "--zo_optimizer adamezo: steps h whose (seed, projected gradient) rebuild the "
+                             "moments; its update pass draws h z."}
+    )
+    zo_adam_eps: float = field(default=1e-8, metadata={"help": "--zo_optimizer adamezo: added to sqrt(v)."})
     zo_kernel: str = field(
         default="auto",
-        metadata={"help": "How z is drawn and applied: auto (the fused Triton pass on CUDA when triton is installed, "
-                  "else blocks), blocks (the counter-based CPU/GPU block stream) or triton (needs CUDA, or "
-                  "TRITON_INTERPRET=1). The two streams differ; a run replays on the one it used."},
+        metadata={"help": "How z is drawn and applied: auto (= compiled, on every device), compiled (z a hash of "
+                  "each element's index, drawn and applied by one torch.compile kernel; needs a C++ compiler on CPU, "
+                  "triton on CUDA), blocks (the first release's block stream, no compiler) or triton (Philox; needs "
+                  "CUDA, or TRITON_INTERPRET=1). The three streams differ; a run replays on the one it used."},
     )
     precision: Optional[str] = field(
         default=None,
@@ -272,6 +305,7 @@ def _positive(name: str, value: float, *, strict: bool = True) -> None:
 
 def validate(cfg: TrainConfig) -> None:
     run, zo = cfg.run, cfg.zo
+    validate_zo_optimizer(cfg)
     if run.backend not in BACKENDS:
         raise ConfigError(f"unknown backend {run.backend!r}; choose one of {', '.join(BACKENDS)}")
     for flag, value, allowed in (
@@ -319,16 +353,82 @@ def validate(cfg: TrainConfig) -> None:
                               f"but only {', '.join(FILLED_OPTIMIZER_PARAMS)} are filled from the flags")
     elif run.ds_config is not None:
         raise ConfigError(f"--ds_config is for the zero3 backend, not {run.backend}")
+    validate_magnitudes(cfg)
+    if cfg.task.non_diff and cfg.data.train_file is not None and cfg.task.task_name is None:
+        raise ConfigError("--non_diff optimises a task's metric; --train_file trains on the text loss (pass --task_name)")
     resolve_defaults(cfg)
     validate_task(cfg)
-    from mezo_dist.data import read_jsonl
-    from mezo_dist.models import check_model_path
+    from mezo_dist import preflight
 
-    if cfg.data.train_file is not None:
-        read_jsonl(cfg.data.train_file)
-    check_model_path(cfg.model.model_name_or_path)
+    preflight.check_inputs(cfg)
     check_masked_lm(cfg)
-    check_output_dir(cfg)
+    preflight.check_output_dir(cfg)
+
+
+# |z| of a Gaussian draw stays below this (P(|z| > 8) is about 1e-15 per element).
+Z_BOUND = 8.0
+TEXT_MAX_LENGTH = 128  # --max_length of --train_file text when not given
+
+
+def validate_magnitudes(cfg: TrainConfig) -> None:
+    """Finite values that still cannot work in the dtypes of the run (pure: flags only)."""
+    import torch
+
+    zo = cfg.zo
+    values = torch.finfo(getattr(torch, cfg.model.torch_dtype))
+    compute = torch.finfo(getattr(torch, PRECISIONS.get(zo.precision or "fp32", "float32")))
+    top = min(values.max, compute.max)
+    if zo.zo_eps * Z_BOUND > top:
+        raise ConfigError(f"--zo_eps {zo.zo_eps:g} is too large: theta + eps * z (|z| up to about {Z_BOUND:g}) "
+                          f"overflows the run's dtypes (largest value {top:.3g})")
+    if zo.zo_eps < values.tiny:
+        raise ConfigError(f"--zo_eps {zo.zo_eps:g} is too small: below {values.tiny:.3g}, the smallest normal "
+                          f"{cfg.model.torch_dtype} value, the perturbation vanishes")
+    for flag in ("learning_rate", "weight_decay"):
+        if getattr(zo, flag) > values.max:
+            raise ConfigError(f"--{flag} {getattr(zo, flag):g} does not fit {cfg.model.torch_dtype} "
+                              f"(largest value {values.max:.3g})")
+
+
+def validate_max_length(cfg: TrainConfig, positions: int | None) -> None:
+    """--max_length (or the text default) within the model's ``positions`` (pure)."""
+    want = cfg.data.max_length or (TEXT_MAX_LENGTH if cfg.data.train_file is not None else None)
+    if positions is not None and want is not None and want > positions:
+        given = "" if cfg.data.max_length else " (the default for --train_file text)"
+        raise ConfigError(f"--max_length {want}{given} exceeds the {positions} positions of "
+                          f"{cfg.model.model_name_or_path}; pass --max_length {positions} or less")
+
+
+def validate_zo_optimizer(cfg: TrainConfig) -> None:
+    """--zo_optimizer and its flags; fills the defaults that depend on it."""
+    from mezo_dist.zo.optimizers import NAMES
+
+    zo = cfg.zo
+    if zo.zo_optimizer not in NAMES:
+        raise ConfigError(f"unknown --zo_optimizer {zo.zo_optimizer!r}; choose one of {', '.join(NAMES)}")
+    if cfg.bp.trainer == "regular" and zo.zo_optimizer != "mezo":
+        raise ConfigError(f"--zo_optimizer {zo.zo_optimizer} is a zeroth-order setting; "
+                          "--trainer regular backpropagates")
+    fzoo = zo.zo_optimizer == "fzoo"
+    if zo.zo_perturbation is None:
+        zo.zo_perturbation = "rademacher" if fzoo else "gaussian"
+    if zo.zo_num_directions is None:
+        zo.zo_num_directions = 8 if fzoo else 1
+    if fzoo and zo.zo_num_directions < 2:
+        raise ConfigError(f"--zo_optimizer fzoo needs --zo_num_directions >= 2 (the spread of their losses), "
+                          f"got {zo.zo_num_directions}")
+    if zo.zo_optimizer == "adamezo" and zo.zo_num_directions != 1:
+        raise ConfigError("--zo_optimizer adamezo takes one direction per step; drop --zo_num_directions")
+    if not 0.0 <= zo.zo_sparsity < 1.0:
+        raise ConfigError(f"--zo_sparsity must be in [0, 1), got {zo.zo_sparsity}")
+    if zo.zo_sparse_refresh < 0:
+        raise ConfigError(f"--zo_sparse_refresh must be >= 0, got {zo.zo_sparse_refresh}")
+    for name in ("zo_beta1", "zo_beta2"):
+        if not 0.0 <= getattr(zo, name) < 1.0:
+            raise ConfigError(f"--{name} must be in [0, 1), got {getattr(zo, name)}")
+    if zo.zo_history < 1:
+        raise ConfigError(f"--zo_history must be >= 1, got {zo.zo_history}")
+    _positive("zo_adam_eps", zo.zo_adam_eps)
 
 
 PRECISIONS = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
@@ -442,6 +542,10 @@ def resume_fields(cfg: TrainConfig) -> dict[str, Any]:
         fields["zo_num_directions"] = cfg.zo.zo_num_directions
     if cfg.zo.zo_perturbation != "gaussian":  # absent from older checkpoints: gaussian
         fields["zo_perturbation"] = cfg.zo.zo_perturbation
+    if cfg.zo.zo_optimizer != "mezo":  # absent from older checkpoints: mezo
+        from mezo_dist.zo.optimizers import hyper_from_args
+
+        fields.update(zo_optimizer=cfg.zo.zo_optimizer, **hyper_from_args(cfg.zo.zo_optimizer, cfg.zo))
     if mixed_precision(cfg):
         fields["precision"] = cfg.zo.precision
     if cfg.bp.trainer == "regular":
@@ -457,35 +561,6 @@ def resume_fields(cfg: TrainConfig) -> dict[str, Any]:
     if cfg.zo.lr_scheduler_type != "constant":
         fields["max_steps"] = cfg.run.max_steps  # the schedule depends on it
     return fields
-
-
-def check_output_dir(cfg: TrainConfig) -> None:
-    """Resolve --resume_from_checkpoint and refuse to clobber a previous run's outputs."""
-    from mezo_dist.checkpoint import list_checkpoints, read_checkpoint_meta
-
-    run = cfg.run
-    out = Path(run.output_dir)
-    if run.resume_from_checkpoint == "latest":
-        found = list_checkpoints(out)
-        run.resume_from_checkpoint = str(found[-1]) if found else None
-        if run.resume_from_checkpoint is None:
-            return  # nothing to resume yet: start fresh (the first attempt of a restartable job)
-    if run.resume_from_checkpoint is not None:
-        _, state = read_checkpoint_meta(run.resume_from_checkpoint)
-        saved, now = state.get("run", {}), resume_fields(cfg)
-        for key, value in now.items():
-            if key in saved and saved[key] != value:
-                raise ConfigError(
-                    f"checkpoint {run.resume_from_checkpoint} was written with {key}={saved[key]!r}; this run has {value!r}"
-                )
-        if state["step"] > run.max_steps:
-            raise ConfigError(f"checkpoint {run.resume_from_checkpoint} is at step {state['step']}, past --max_steps {run.max_steps}")
-        return
-    previous = (out / "trajectory.jsonl").exists() or bool(list_checkpoints(out))
-    if previous and not run.overwrite_output_dir:
-        raise ConfigError(
-            f"output_dir {out} already holds a run; pass --resume_from_checkpoint latest or --overwrite_output_dir"
-        )
 
 
 def resolve_defaults(cfg: TrainConfig) -> None:
@@ -554,6 +629,14 @@ def read_ds_config(path: str | None, *, with_optimizer: bool = False) -> dict[st
         raise ConfigError(f"ds_config {path} is not readable JSON: {e}") from None
     if not isinstance(cfg, dict):
         raise ConfigError(f"ds_config {path} must hold a JSON object")
+    for section in ("zero_optimization", "optimizer", "bf16", "fp16"):
+        if not isinstance(cfg.get(section, {}), dict):
+            raise ConfigError(f"ds_config {path}: {section} must be an object, got {cfg[section]!r}")
+    for section in ("offload_param", "offload_optimizer"):
+        if not isinstance(cfg.get("zero_optimization", {}).get(section) or {}, dict):
+            raise ConfigError(f"ds_config {path}: zero_optimization.{section} must be an object")
+    if not isinstance(cfg.get("optimizer", {}).get("params", {}), dict):
+        raise ConfigError(f"ds_config {path}: optimizer.params must be an object")
     stage = cfg.get("zero_optimization", {}).get("stage")
     if stage != 3:
         raise ConfigError(f"ds_config {path} has ZeRO stage {stage}; the zero3 backend needs stage 3")

@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from mezo_dist.errors import ConfigError
+from mezo_dist.io import json_lines
 
 
 def read_jsonl(path: str | Path, *, field: str = "text") -> list[str]:
@@ -23,23 +24,24 @@ def read_jsonl(path: str | Path, *, field: str = "text") -> list[str]:
     if not p.is_file():
         raise ConfigError(f"train file {path} does not exist")
     texts: list[str] = []
-    try:
-        lines = p.read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as e:
-        raise ConfigError(f"train file {path} is not readable UTF-8 text: {e}") from None
-    for n, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            raise ConfigError(f"train file {path} is not JSON Lines: line {n} is not a JSON object") from None
+    for n, row in json_lines(p, what="train file"):
         if not isinstance(row, dict) or not isinstance(row.get(field), str):
             raise ConfigError(f'train file {path} line {n} has no string "{field}" field')
+        check_encodable(row[field], where=f"train file {path} line {n}")
         texts.append(row[field])
     if not texts:
         raise ConfigError(f"train file {path} is empty")
     return texts
+
+
+def check_encodable(value, *, where: str) -> None:
+    """Refuse text that cannot be encoded as UTF-8 (JSON's "\\ud800" escapes decode to lone
+    surrogates, which no tokenizer takes), anywhere inside ``value``."""
+    try:
+        json.dumps(value, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError as e:
+        bad = e.object[e.start : e.end].encode("unicode_escape").decode()
+        raise ConfigError(f"{where} holds a lone surrogate ({bad}), which is not text") from None
 
 
 def file_digest(path: str | Path) -> str:

@@ -112,6 +112,9 @@ def _start_group(backend: str, rank: int, world: int, timeout: timedelta) -> Non
     attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
     prefixed = dist.PrefixStore(f"mezo_dist/attempt_{attempt}", store)
     dist.init_process_group(backend=backend, store=prefixed, rank=rank, world_size=world, timeout=timeout)
+    from mezo_dist import interrupt
+
+    interrupt.attach(prefixed, rank, world)  # one rank speaks for an interrupted job
 
 
 def _free_port() -> int:

@@ -2,15 +2,31 @@
 
 The folder appears under its final name only once complete (written beside it under a
 temporary name, then renamed), so a crash mid-write never leaves a folder that looks valid.
+An export never replaces what it did not make: :func:`check_export_dir` refuses a target that
+is a file or a folder holding anything, unless asked to overwrite.
 """
 
 from __future__ import annotations
 
 import os
-import shutil
 from pathlib import Path
 
+from mezo_dist.checkpoint import run_markers
+from mezo_dist.errors import ConfigError
+from mezo_dist.io import check_writable_folder, folder_entries, fresh_folder_beside, publish_folder
 from mezo_dist.placement.base import Placement
+
+
+def check_export_dir(path: str | Path, *, overwrite: bool, flag: str = "--output_dir") -> None:
+    """Refuse, before any work, an export target that is a file, cannot be written, or is a
+    non-empty folder (a training run above all) when ``overwrite`` is not set. No I/O but reads."""
+    check_writable_folder(path, flag=flag)
+    entries = folder_entries(path)
+    if entries and not overwrite:
+        run = run_markers(path)
+        what = f"a training run ({', '.join(run[:3])})" if run else f"{len(entries)} entries ({', '.join(entries[:3])})"
+        raise ConfigError(f"{flag} {path} already holds {what}; pick another folder, or pass "
+                          "--overwrite_output_dir to replace it")
 
 
 def save_pretrained(placement: Placement, tokenizer, path: str | Path) -> None:
@@ -20,17 +36,12 @@ def save_pretrained(placement: Placement, tokenizer, path: str | Path) -> None:
         return
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
+    tmp = fresh_folder_beside(path, f"tmp-{os.getpid()}")
     if not _save_prompt_learning(placement.module, state_dict, tmp):
         placement.module.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
     if tokenizer is not None:
         tokenizer.save_pretrained(tmp)
-    old = path.with_name(f".{path.name}.old-{os.getpid()}")
-    if path.exists():
-        os.replace(path, old)
-    os.replace(tmp, path)
-    shutil.rmtree(old, ignore_errors=True)
+    publish_folder(tmp, path)
 
 
 def _save_prompt_learning(module, state_dict: dict, folder: Path) -> bool:
@@ -46,7 +57,7 @@ def _save_prompt_learning(module, state_dict: dict, folder: Path) -> bool:
     from safetensors.torch import save_file
 
     key = f"prompt_encoder.{module.active_adapter}.embedding.weight"
-    folder.mkdir(parents=True)
+    folder.mkdir(parents=True, exist_ok=True)
     save_file({"prompt_embeddings": state_dict[key].contiguous()}, str(folder / "adapter_model.safetensors"))
     saved = copy.copy(config)
     saved.inference_mode = True

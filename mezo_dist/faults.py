@@ -9,6 +9,8 @@ real launcher run. Each hook is one environment lookup when unset.
 * ``MEZO_DIST_TEST_DIE_IN_SAVE=<rank>``: that rank SIGKILLs itself mid-checkpoint.
 * ``MEZO_DIST_TEST_NAN_STEPS=<step>,<step>``: the minus-side loss of those steps is NaN.
 * ``MEZO_DIST_TEST_DRIFT=<rank>:<step>``: that rank's replica is nudged after that step.
+* ``MEZO_DIST_TEST_STALL=<rank>:<step>:<marker>``: that rank creates the marker and sleeps for a
+  minute as step ``<step>`` starts, so the other ranks wait for it inside a collective.
 """
 
 from __future__ import annotations
@@ -31,6 +33,18 @@ def maybe_kill(rank: int, step: int) -> None:
             return
         marker.write_text("killed\n")
     os.kill(os.getpid(), signal.SIGKILL)
+
+
+def maybe_stall(rank: int, step: int) -> None:
+    spec = os.environ.get("MEZO_DIST_TEST_STALL")
+    if not spec:
+        return
+    r, s, marker = spec.split(":", 2)
+    if (int(r), int(s)) == (rank, step):
+        import time
+
+        Path(marker).write_text("stalled\n")
+        time.sleep(60)
 
 
 def nan_steps() -> set[int]:

@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import json
+import math
 import re
 from pathlib import Path
 
@@ -10,6 +12,7 @@ import torch
 from torch import nn
 
 from mezo_dist.errors import ConfigError
+from mezo_dist.io import inside
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -24,6 +27,96 @@ def check_model_path(name_or_path: str) -> None:
     is_hub_id = re.fullmatch(r"[\w.-]+(/[\w.-]+)?", name_or_path) is not None and not name_or_path.startswith(".")
     if not is_hub_id:
         raise ConfigError(f"model path {name_or_path} does not exist")
+
+
+def check_model_folder(name_or_path: str, *, trust_remote_code: bool = False):
+    """Read a local model folder the way loading will, before anything is built: its config
+    through ``AutoConfig`` (an unknown ``model_type`` is refused here), its JSON files, and the
+    header of every safetensors file against the file's size (a truncated or corrupt file). The
+    files a weight index names must lie inside the folder. Returns the config (None for a hub id
+    that is not a local folder: loading reports what the hub says)."""
+    folder = Path(name_or_path).expanduser()
+    check_model_path(name_or_path)
+    if not folder.is_dir():
+        return None
+    where = f"model folder {name_or_path}"
+    for f in sorted(folder.glob("*.json")):
+        try:
+            json.loads(f.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise ConfigError(f"{where}: {f.name} is not readable JSON ({e})") from None
+    try:
+        config = load_config(name_or_path, trust_remote_code=trust_remote_code)
+    except Exception as e:  # transformers' reasons (unknown model_type, remote code) in one line
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ConfigError(f"{where}: config.json is not a model transformers can build: {first}") from None
+    for f in _weight_files(folder, where):
+        check_safetensors_header(f, what=where)
+    return config
+
+
+def _weight_files(folder: Path, where: str) -> list[Path]:
+    index = folder / "model.safetensors.index.json"
+    if not index.exists():
+        return sorted(folder.glob("*.safetensors"))
+    weight_map = json.loads(index.read_text(encoding="utf-8")).get("weight_map")
+    if not isinstance(weight_map, dict):
+        raise ConfigError(f"{where}: {index.name} has no weight_map object")
+    files = []
+    for name in sorted(set(weight_map.values())):
+        f = inside(folder, name, what=f"{where}: {index.name}")
+        if not f.is_file():
+            raise ConfigError(f"{where}: {index.name} names {name}, which is missing")
+        files.append(f)
+    return files
+
+
+# Bytes per element of the safetensors dtypes (others are left to the library to judge).
+_ST_SIZES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
+             "U16": 2, "U32": 4, "U64": 8, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
+
+
+def check_safetensors_header(path: Path, *, what: str) -> None:
+    """A safetensors file whose header parses and whose tensors' byte ranges tile the rest of the
+    file exactly (reads the header only)."""
+    bad = f"{what}: {path.name} is truncated or corrupt"
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(8)
+        n = int.from_bytes(head, "little") if len(head) == 8 else -1
+        if n < 2 or 8 + n > size or n > 100 * 2**20:
+            raise ConfigError(f"{bad} (header length {n} in a file of {size} bytes)")
+        try:
+            header = json.loads(f.read(n))
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            raise ConfigError(f"{bad} (its header is not JSON)") from None
+    if not isinstance(header, dict):
+        raise ConfigError(f"{bad} (its header is not a JSON object)")
+    end = 0
+    for key, info in header.items():
+        if key == "__metadata__":
+            continue
+        try:
+            start, stop = info["data_offsets"]
+            numel = math.prod(info["shape"])
+        except (KeyError, TypeError, ValueError):
+            raise ConfigError(f"{bad} (tensor {key} has no shape or data_offsets)") from None
+        width = _ST_SIZES.get(info.get("dtype"))
+        if not 0 <= start <= stop or (width is not None and stop - start != numel * width):
+            raise ConfigError(f"{bad} (tensor {key} has byte range {start}..{stop} for shape {info['shape']})")
+        end = max(end, stop)
+    if 8 + n + end != size:
+        raise ConfigError(f"{bad} (its tensors need {8 + n + end} bytes, the file has {size})")
+
+
+def max_positions(config) -> int | None:
+    """How many tokens one sequence may hold: the position embeddings, less the offset by which
+    RoBERTa-style models start their positions (after the padding index)."""
+    n = next((getattr(config, k) for k in ("max_position_embeddings", "n_positions", "max_sequence_length")
+              if isinstance(getattr(config, k, None), int)), None)
+    if n is not None and "roberta" in str(getattr(config, "model_type", "")):
+        n -= int(getattr(config, "pad_token_id", None) or 0) + 1
+    return n
 
 
 def load_config(name_or_path: str, *, trust_remote_code: bool = False):

@@ -5,8 +5,14 @@
 
 The model of memory is deliberately simple, a sum of named terms per rank (bytes):
 
-* parameters: ``numel * bytes_per_param(dtype)``; divided by the world size when sharded (zero3,
-  fsdp), zero on the device with ZeRO-3 parameter offload (the partitions live in host memory).
+* parameters: ``numel * bytes_per_param(dtype)``, sharded the way each engine shards, tensor by
+  tensor: FSDP2 gives every rank ``ceil(rows / n)`` rows of each parameter (its padded shard, the
+  same size on every rank, over the ``n = gpus / hsdp_replicas`` ranks of a shard group); ZeRO-3
+  gives every rank ``ceil(numel / n)`` elements of each flattened parameter (the last rank's tail
+  is padding), and keeps the parameters at or below ``stage3_param_persistence_threshold`` (the
+  shipped configs' ``"auto"``: 10 x hidden) whole on every rank after the first forward, besides
+  their partitions. With ZeRO-3 parameter offload the partitions live in host memory and only the
+  persistent copies stay on the device.
 * gathered: what a sharded forward holds unsharded at once: the root group (embeddings, final
   norm, tied head) plus two transformer blocks (the one running and the one prefetched).
 * activations: MeZO runs inference, so nothing is kept between layers for a backward; the peak is
@@ -19,6 +25,9 @@ The model of memory is deliberately simple, a sum of named terms per rank (bytes
   per parameter (Rajbhandari et al. 2020, ZeRO). In fp32: the two moments, 8 bytes. MeZO: none.
 * gradients: backprop, one per trainable parameter in the training dtype. MeZO: none; it holds
   one 4 MiB block of noise instead (``mezo_dist.zo.noise.BLOCK`` fp32 elements).
+* host memory outside the step (a second table): what start-up, the final export and a training
+  checkpoint hold in host memory per rank, with today's code and as the target once start-up and
+  export read and write per-rank slices (see :func:`host_io`).
 * runtime: ``--runtime_overhead_gb`` per rank (0 by default). On a GPU the CUDA context and the
   allocator's slack come on top; on a CPU the Python/torch process itself costs a few hundred MB,
   which the measured resident set includes (tests/distributed/test_plan_memory.py measures it).
@@ -32,26 +41,15 @@ import argparse
 import math
 import sys
 from dataclasses import dataclass, replace
-from pathlib import Path
 
 from mezo_dist.errors import ConfigError
+
+# Re-exported: the shapes are part of the planner's public names.
+from mezo_dist.plan_shapes import OPT, ModelShape, builtin_name, opt_shape, resolve_model, shape_from_folder  # noqa: F401
 
 GiB = 2**30
 BYTES = {"fp32": 4, "fp16": 2, "bf16": 2}
 NOISE_BLOCK = 1 << 20  # equals mezo_dist.zo.noise.BLOCK; not imported, so the planner needs no torch
-
-# OPT sizes (Zhang et al. 2022, "OPT: Open Pre-trained Transformer Language Models", Table 1), as in
-# the hub's config.json files: hidden, layers, ffn, vocab, heads. All have 2048 positions.
-OPT = {
-    "125m": (768, 12, 3072, 50272, 12),
-    "350m": (1024, 24, 4096, 50272, 16),
-    "1.3b": (2048, 24, 8192, 50272, 32),
-    "2.7b": (2560, 32, 10240, 50272, 32),
-    "6.7b": (4096, 32, 16384, 50272, 32),
-    "13b": (5120, 40, 20480, 50272, 40),
-    "30b": (7168, 48, 28672, 50272, 56),
-    "66b": (9216, 64, 36864, 50272, 72),
-}
 
 METHODS = ("mezo", "mezo_lora", "mezo_prefix", "adam_full", "adam_lora")
 BACKENDS = ("single", "fsdp", "zero3", "zero3_offload")
@@ -61,101 +59,13 @@ LORA_R, LORA_MATRICES, PREFIX_TOKENS = 8, 2, 5
 
 
 @dataclass(frozen=True)
-class ModelShape:
-    name: str
-    params: int  # all parameters, tied ones once
-    block_params: int  # the largest transformer block
-    root_params: int  # everything outside the blocks (embeddings, final norm, untied head)
-    largest_param: int  # the biggest single tensor (sizes MeZO's noise buffer)
-    hidden: int
-    layers: int
-    ffn: int
-    vocab: int
-    heads: int
-
-
-def opt_shape(size: str) -> ModelShape:
-    """Exact parameter counts of an OPT size, from its dimensions (OPTForCausalLM's modules)."""
-    h, n, ffn, vocab, heads = OPT[size]
-    # q, k, v, out projections with biases; fc1, fc2 with biases; two layer norms (weight, bias).
-    block = 4 * (h * h + h) + (h * ffn + ffn) + (ffn * h + h) + 2 * 2 * h
-    embed = 512 if size == "350m" else h  # OPT-350m embeds in 512 dims and projects in and out
-    root = vocab * embed + (2048 + 2) * h  # tied token embedding / head, learned positions (+2 offset)
-    if size == "350m":
-        root += 2 * embed * h  # project_in, project_out; post-norm: no final layer norm
-    else:
-        root += 2 * h
-    largest = max(vocab * embed, h * ffn)
-    return ModelShape(f"facebook/opt-{size}", root + n * block, block, root, largest, h, n, ffn, vocab, heads)
-
-
-def builtin_name(name: str) -> str | None:
-    key = name.lower().removeprefix("facebook/").removeprefix("opt-")
-    return key if key in OPT else None
-
-
-def shape_from_folder(name: str) -> ModelShape:
-    """Read config.json (local folder, or the local hub cache; never the network) and count
-    parameters on the meta device, so any ``AutoModelForCausalLM`` architecture is counted exactly."""
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    try:
-        config = AutoConfig.from_pretrained(name, local_files_only=True, trust_remote_code=False)
-    except (OSError, ValueError) as e:
-        raise ConfigError(f"cannot read config.json of {name}: {str(e).splitlines()[0]}") from None
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config, trust_remote_code=False)
-    model.tie_weights()
-    blocks = set(getattr(model, "_no_split_modules", None) or [])
-    total = sum(p.numel() for p in model.parameters())  # tied parameters once
-    block_sizes = []
-    for module in model.modules():
-        if type(module).__name__ in blocks:
-            block_sizes.append(sum(p.numel() for p in module.parameters()))
-    text = config.get_text_config() if hasattr(config, "get_text_config") else config
-    hidden = _first(text, "hidden_size", "n_embd", "d_model")
-    return ModelShape(
-        name=name, params=total, block_params=max(block_sizes, default=0), root_params=total - sum(block_sizes),
-        largest_param=max(p.numel() for p in model.parameters()),
-        hidden=hidden, layers=_first(text, "num_hidden_layers", "n_layer", "num_layers"),
-        ffn=_first(text, "intermediate_size", "ffn_dim", "n_inner", default=4 * hidden) or 4 * hidden,
-        vocab=_first(text, "vocab_size"), heads=_first(text, "num_attention_heads", "n_head"),
-    )
-
-
-def _first(config, *names: str, default: int | None = None) -> int:
-    for n in names:
-        value = getattr(config, n, None)
-        if isinstance(value, int):
-            return value
-    if default is not None:
-        return default
-    raise ConfigError(f"config.json has none of {', '.join(names)}; cannot size the model")
-
-
-def resolve_model(name: str) -> ModelShape:
-    size = builtin_name(name)
-    if size is not None:
-        return opt_shape(size)
-    p = Path(name).expanduser()
-    if p.is_dir() and not (p / "config.json").is_file():
-        raise ConfigError(f"model folder {name} has no config.json")
-    if not p.is_dir() and ("/" not in name or name.startswith((".", "/", "~"))):
-        raise ConfigError(
-            f"unknown model {name!r}: not a built-in OPT size ({', '.join('opt-' + s for s in OPT)}) "
-            "and not a local folder with config.json"
-        )
-    return shape_from_folder(name)
-
-
-@dataclass(frozen=True)
 class Setting:
     gpus: int
     seq_len: int
     batch_size: int
     dtype: str = "fp16"
     runtime_overhead_bytes: int = 0
+    hsdp_replicas: int = 1  # fsdp: shard over gpus / hsdp_replicas ranks, replicate across groups
 
 
 @dataclass(frozen=True)
@@ -219,30 +129,67 @@ def backprop_activations(shape: ModelShape, s: Setting, seq: int) -> int:
     return int(shape.layers * per_layer) + logits
 
 
+def shard_group(backend: str, s: Setting) -> int:
+    """Ranks one copy of the model is sharded over: all of them, one HSDP group, or none."""
+    if backend == "single":
+        return 1
+    return s.gpus // s.hsdp_replicas if backend == "fsdp" else s.gpus
+
+
+def persistence_threshold(shape: ModelShape) -> int:
+    # fill_ds_config's "auto" (the shipped ds_configs): 10 x hidden, as the Hugging Face integration.
+    return 10 * shape.hidden
+
+
+def local_numel(shape: ModelShape, backend: str, n: int) -> int:
+    """Elements of the model's parameters that one of ``n`` ranks stores (padding included).
+
+    FSDP2 (torch.chunk on dim 0) gives each rank ``ceil(rows / n)`` rows of every parameter;
+    ZeRO-3 ``ceil(numel / n)`` elements of every flattened parameter; both pad the short ranks to
+    that size. Replicated placements store every element."""
+    if backend == "single" or n == 1:
+        return shape.params
+    if not shape.tensors:
+        return math.ceil(shape.params / n)
+    if backend == "fsdp":
+        return sum(-(-(s[0] if s else 1) // n) * math.prod(s[1:]) * c for s, c in shape.tensors)
+    return sum(-(-math.prod(s) // n) * c for s, c in shape.tensors)
+
+
+def persistent_numel(shape: ModelShape) -> int:
+    """Elements of the parameters ZeRO-3 keeps whole on every rank (at or below the threshold)."""
+    limit = persistence_threshold(shape)
+    return sum(math.prod(s) * c for s, c in shape.tensors if math.prod(s) <= limit)
+
+
 def estimate(shape: ModelShape, method: str, backend: str, s: Setting) -> Estimate:
     """Per-rank memory of ``method`` on ``backend`` with ``s.gpus`` ranks."""
-    w, n = BYTES[s.dtype], s.gpus
-    sharded = backend != "single"
+    w = BYTES[s.dtype]
     trainable = trainable_params(shape, method)
-    extra = 0 if method in ("mezo", "adam_full") else trainable  # adapters or prefixes on top
-    weights = (shape.params + extra) * w
+    full = method in ("mezo", "adam_full")
+    extra = 0 if full else trainable  # adapters or prefixes on top
     seq = s.seq_len + (PREFIX_TOKENS if method == "mezo_prefix" else 0)
     backprop = method.startswith("adam")
+    share = shard_group(backend, s)
+    local = local_numel(shape, backend, share)
+    # Adapters are small: sharded as one flat count.
+    local_trainable = local if full else math.ceil(trainable / share)
+    params = local * w + math.ceil(extra * w / share)
     # Mixed precision keeps fp32 master weights beside the two fp32 moments; fp32 needs no master.
-    opt = trainable * ((12 if w < 4 else 8) if backprop else 0)
-    grads = trainable * w if backprop else 0
-    share = n if sharded else 1
-    params, opt_dev, host = math.ceil(weights / share), math.ceil(opt / share), 0
+    opt_dev = local_trainable * ((12 if w < 4 else 8) if backprop else 0)
+    grads = local_trainable * w if backprop else 0
+    persistent = persistent_numel(shape) * w if backend.startswith("zero3") else 0
+    host = 0
     if backend == "zero3_offload":
         # offload_param (and, for Adam, offload_optimizer): partitions live in host memory and
-        # stream to the device layer by layer; only gathered layers occupy the device.
-        host, params = params + opt_dev, 0
-        opt_dev = 0
-    gathered = (shape.root_params + 2 * shape.block_params) * w if sharded else 0
+        # stream to the device layer by layer; only gathered layers and the persistent parameters
+        # occupy the device.
+        host, params, opt_dev = params + opt_dev, 0, 0
+    gathered = (shape.root_params + 2 * shape.block_params) * w if backend != "single" else 0
     acts = backprop_activations(shape, s, seq) if backprop else inference_working_set(shape, s, seq)
     # MeZO draws z one block at a time into one fp32 buffer sized by the largest trainable tensor.
     noise = 0 if backprop else min(NOISE_BLOCK, largest_trainable(shape, method)) * 4
-    return Estimate(method, backend, n, params, gathered, acts, opt_dev, math.ceil(grads / share), noise,
+    return Estimate(method, backend, s.gpus, params + persistent, gathered, acts, opt_dev, grads, noise,
                     s.runtime_overhead_bytes, host)
 
 
@@ -252,7 +199,9 @@ def fits(shape: ModelShape, method: str, backend: str, s: Setting, gpu_bytes: in
 
 def min_gpus(shape: ModelShape, method: str, backend: str, s: Setting, gpu_bytes: int, limit: int = 4096) -> int | None:
     """The fewest ranks whose per-rank memory fits ``gpu_bytes``; None if none up to ``limit``.
-    Replicated (single) placements do not shrink with more ranks: 1 or None."""
+    Replicated (single) placements do not shrink with more ranks: 1 or None. Under HSDP this is the
+    size of one shard group (the replicas multiply it)."""
+    s = replace(s, hsdp_replicas=1)
     if backend == "single":
         return 1 if fits(shape, method, backend, replace(s, gpus=1), gpu_bytes) else None
     lo, hi = 1, limit
@@ -267,6 +216,58 @@ def min_gpus(shape: ModelShape, method: str, backend: str, s: Setting, gpu_bytes
     return lo
 
 
+@dataclass(frozen=True)
+class HostIO:
+    """Host bytes per rank outside the step, the largest over the ranks named.
+
+    ``startup_main``/``startup_other`` and ``export_main``/``export_other`` are today's code on
+    rank 0 and on every other rank; ``checkpoint`` a training checkpoint (already per rank);
+    ``sharded`` the target once start-up and export read and write only each rank's slices."""
+
+    backend: str
+    startup_main: int
+    startup_other: int
+    export_main: int
+    export_other: int
+    checkpoint: int
+    sharded: int
+
+
+def host_io(shape: ModelShape, backend: str, s: Setting) -> HostIO:
+    """Host memory per rank at start-up, at the final export and at a checkpoint.
+
+    Today (mezo_dist.placement, mezo_dist.export):
+    * fsdp start-up: rank 0 loads the whole pretrained model on the host (``from_pretrained``;
+      in the checkpoint's own dtype transformers memory-maps the files, so these are file pages
+      read as the weights go out; converted to another dtype they are allocated) and broadcasts
+      it tensor by tensor (``set_model_state_dict(broadcast_from_rank0=True)``: every rank holds
+      one whole tensor on its device at a time and keeps its rows). Other ranks: nothing.
+    * zero3 start-up: transformers builds the model under ``deepspeed.zero.Init`` (partitioned as
+      each module is made) and rank 0 alone opens every checkpoint file (memory-mapped; the other
+      ranks read shapes only, on the meta device); each module is gathered on every rank's device
+      and rank 0 copies the values in. So rank 0 reads the whole model through the page cache.
+    * export (``final/``), both engines: every parameter is gathered whole on every rank's device,
+      one at a time, and rank 0 keeps a host copy of each: the whole model, then written to
+      safetensors from those tensors (no second copy).
+    * a training checkpoint: every rank copies its own pieces to the host and writes them; under
+      ZeRO-3 rank 0 also writes the persistent (replicated) parameters.
+    Target after per-rank slice I/O (torch.distributed.checkpoint's Hugging Face reader and
+    writer): the rank's shard staged on the host plus one whole block in flight.
+
+    Parameter offload adds its partitions (the ``host`` column of :func:`estimate`) throughout;
+    ``s.runtime_overhead_bytes`` is added to every figure.
+    """
+    w = BYTES[s.dtype]
+    whole = shape.params * w
+    base = estimate(shape, "mezo", backend, s).host + s.runtime_overhead_bytes
+    if backend == "single":  # every process holds a replica; rank 0 writes exports and checkpoints
+        return HostIO(backend, whole + base, whole + base, whole + base, base, whole + base, whole + base)
+    shard = local_numel(shape, backend, shard_group(backend, s)) * w
+    persistent = persistent_numel(shape) * w if backend.startswith("zero3") else 0
+    return HostIO(backend, whole + base, base, whole + base, base, shard + persistent + base,
+                  shard + shape.block_params * w + base)
+
+
 def _gib(x: int) -> str:
     return f"{x / GiB:8.2f}"
 
@@ -274,7 +275,8 @@ def _gib(x: int) -> str:
 def report(shape: ModelShape, s: Setting, gpu_bytes: int) -> str:
     head = (f"{shape.name}: {shape.params / 1e9:.3f}B parameters, {shape.layers} layers, hidden {shape.hidden}, "
             f"largest block {shape.block_params / 1e6:.1f}M, outside blocks {shape.root_params / 1e6:.1f}M\n"
-            f"{s.gpus} GPU(s) of {gpu_bytes / GiB:g} GiB, micro-batch {s.batch_size} x {s.seq_len} tokens per rank, "
+            f"{s.gpus} GPU(s) of {gpu_bytes / GiB:g} GiB"
+            f"{f' (fsdp: HSDP, {s.hsdp_replicas} replicas of {s.gpus // s.hsdp_replicas})' if s.hsdp_replicas > 1 else ''}, micro-batch {s.batch_size} x {s.seq_len} tokens per rank, "
             f"{s.dtype}, runtime overhead {s.runtime_overhead_bytes / GiB:g} GiB per rank; GiB per rank:\n")
     cols = ("method", "backend", "params", "gathered", "activ.", "optim.", "grads", "total", "host", "fits", "min GPUs")
     rows = [f"{cols[0]:<12} {cols[1]:<14}" + "".join(f"{c:>9}" for c in cols[2:])]
@@ -287,14 +289,25 @@ def report(shape: ModelShape, s: Setting, gpu_bytes: int) -> str:
                 f"{_gib(e.optimizer)} {_gib(e.gradients)} {_gib(e.total)} {_gib(e.host)} "
                 f"{'yes' if e.total <= gpu_bytes else 'no':>8} {need if need is not None else '-':>8}"
             )
-    return head + "\n".join(rows)
+    io_cols = ("backend", "start r0", "start rest", "export r0", "export rest", "checkpoint", "sharded")
+    io = ["", "Host memory per rank outside the step, GiB: start-up and final export with today's code (rank 0, "
+          "the other ranks), a training checkpoint, and 'sharded': the target once start-up and export read and "
+          "write only each rank's slices (a shard plus one block):",
+          f"{io_cols[0]:<14}" + "".join(f"{c:>12}" for c in io_cols[1:])]
+    for backend in BACKENDS:
+        h = host_io(shape, backend, s)
+        figures = (h.startup_main, h.startup_other, h.export_main, h.export_other, h.checkpoint, h.sharded)
+        io.append(f"{backend:<14}" + "".join(f"{x / GiB:12.2f}" for x in figures))
+    return head + "\n".join(rows + io)
 
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m mezo_dist.plan", description=__doc__.split("\n")[0])
     p.add_argument("--model_name_or_path", required=True,
-                   help="A built-in OPT size (facebook/opt-125m ... opt-66b) or a folder with config.json.")
+                   help="A built-in OPT size (facebook/opt-125m ... opt-175b) or a folder with config.json.")
     p.add_argument("--gpus", type=int, default=1, help="Ranks (GPUs) to plan for.")
+    p.add_argument("--hsdp_replicas", type=int, default=1,
+                   help="fsdp: replica groups (HSDP, e.g. one per node); the model is sharded over gpus / replicas.")
     p.add_argument("--gpu_memory_gb", type=float, default=80.0, help="Memory per GPU in GiB (an 80 GB A100 has 80 GiB).")
     p.add_argument("--seq_len", type=int, default=400, help="Tokens per example.")
     p.add_argument("--batch_size", type=int, default=1, help="Examples per rank (micro-batch).")
@@ -309,9 +322,11 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.dtype not in BYTES:
         raise ConfigError(f"unknown --dtype {args.dtype!r}; choose one of {', '.join(BYTES)}")
-    for name in ("gpus", "seq_len", "batch_size"):
+    for name in ("gpus", "hsdp_replicas", "seq_len", "batch_size"):
         if getattr(args, name) < 1:
             raise ConfigError(f"--{name} must be >= 1, got {getattr(args, name)}")
+    if args.gpus % args.hsdp_replicas:
+        raise ConfigError(f"--hsdp_replicas {args.hsdp_replicas} does not divide --gpus {args.gpus}")
     if not (args.gpu_memory_gb > 0 and math.isfinite(args.gpu_memory_gb)):
         raise ConfigError(f"--gpu_memory_gb must be > 0, got {args.gpu_memory_gb}")
     if not (args.runtime_overhead_gb >= 0 and math.isfinite(args.runtime_overhead_gb)):
@@ -327,7 +342,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"mezo_dist: error: {e}", file=sys.stderr, flush=True)
         return 2
     s = Setting(gpus=args.gpus, seq_len=args.seq_len, batch_size=args.batch_size, dtype=args.dtype,
-                runtime_overhead_bytes=int(args.runtime_overhead_gb * GiB))
+                runtime_overhead_bytes=int(args.runtime_overhead_gb * GiB), hsdp_replicas=args.hsdp_replicas)
     print(report(shape, s, int(args.gpu_memory_gb * GiB)))
     return 0
 

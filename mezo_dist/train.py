@@ -8,16 +8,19 @@ from typing import Any
 
 from mezo_dist import faults
 from mezo_dist.checkpoint import load_checkpoint, rotate_checkpoints, save_checkpoint
-from mezo_dist.config import BackpropArguments, ModelArguments, TrainConfig, read_ds_config, resume_fields
+from mezo_dist.config import (
+    TEXT_MAX_LENGTH, BackpropArguments, ModelArguments, TrainConfig, read_ds_config, resume_fields,
+)
 from mezo_dist.distributed import DistState
 from mezo_dist.errors import TrainingError
 from mezo_dist.export import save_pretrained
 from mezo_dist.metrics import RunLogger
-from mezo_dist.models import DTYPES, load_config, load_tokenizer
+from mezo_dist.models import DTYPES, load_config, load_tokenizer, max_positions
 from mezo_dist.placement.base import Placement
 from mezo_dist.replicas import check_replicas
 from mezo_dist.schedule import lr_schedule
 from mezo_dist.tasks.base import Sample
+from mezo_dist.zo import optimizers
 from mezo_dist.zo.step import MeZO, StepResult
 
 
@@ -93,7 +96,7 @@ def build_objective(cfg: TrainConfig, state: DistState, tokenizer):
     if cfg.data.train_file is not None:
         from mezo_dist.data import TextBatches, TokenizedText, read_jsonl
 
-        data = TokenizedText.build(read_jsonl(cfg.data.train_file), tokenizer, cfg.data.max_length or 128)
+        data = TokenizedText.build(read_jsonl(cfg.data.train_file), tokenizer, cfg.data.max_length or TEXT_MAX_LENGTH)
         accum = run.gradient_accumulation_steps
         batches = TextBatches(data, micro_batch=run.per_device_train_batch_size * accum, rank=state.rank,
                               world_size=state.world_size, seed=run.seed)
@@ -115,10 +118,8 @@ def build_objective(cfg: TrainConfig, state: DistState, tokenizer):
         dev = [with_demonstrations(s, demos) for s in dev]
         evals = [with_demonstrations(s, demos) for s in evals]
     # Prompts longer than the model's positions are cut from the left (scoring keeps the answer).
-    max_length = cfg.data.max_length or getattr(
-        load_config(cfg.model.model_name_or_path, trust_remote_code=cfg.model.trust_remote_code),
-        "max_position_embeddings", None,
-    )
+    max_length = cfg.data.max_length or max_positions(
+        load_config(cfg.model.model_name_or_path, trust_remote_code=cfg.model.trust_remote_code))
     objective = TaskObjective(
         train, tokenizer, micro_batch=run.per_device_train_batch_size, rank=state.rank,
         world_size=state.world_size, seed=run.seed, device=state.device,
@@ -142,6 +143,7 @@ def trajectory_row(res: StepResult, zo: MeZO, precision: str | None = None) -> d
         row["directions"] = [[seed, g] for seed, g in res.directions]
     if res.skipped:
         row["skipped"] = True
+    row.update(optimizers.row_fields(zo, res))  # the optimizer's name, hyper-parameters, scalars; none for mezo
     return row
 
 
@@ -183,14 +185,16 @@ def train(cfg: TrainConfig, state: DistState) -> dict[str, Any]:
 
         zo = Backprop(placement, cfg.bp, lr=schedule, weight_decay=cfg.zo.weight_decay)
     else:
-        zo = MeZO(placement, lr=schedule, eps=cfg.zo.zo_eps, weight_decay=cfg.zo.weight_decay, seed=run.seed,
-                  num_directions=cfg.zo.zo_num_directions, perturbation=cfg.zo.zo_perturbation,
-                  kernel=cfg.zo.zo_kernel)
+        zo = optimizers.build(cfg.zo.zo_optimizer, placement, lr=schedule, eps=cfg.zo.zo_eps,
+                              weight_decay=cfg.zo.weight_decay, seed=run.seed, num_directions=cfg.zo.zo_num_directions,
+                              perturbation=cfg.zo.zo_perturbation, kernel=cfg.zo.zo_kernel,
+                              **optimizers.hyper_from_args(cfg.zo.zo_optimizer, cfg.zo))
     start, skipped, best = 0, 0, None
     if run.resume_from_checkpoint:
         saved = load_checkpoint(placement, run.resume_from_checkpoint)
         start, skipped = int(saved["step"]), int(saved["skipped_steps"])
         best = saved.get("best")
+        optimizers.load_state_dict(zo, saved.get("optimizer_state"))
         if state.is_main:
             print(f"resumed from {run.resume_from_checkpoint} at step {start}", flush=True)
     zo.step_index = start
@@ -237,6 +241,7 @@ def _loop(cfg, state, placement, zo, objective, evaluator, logger, start, skippe
     run, fields = cfg.run, resume_fields(cfg)
     for step in range(start, run.max_steps):
         faults.maybe_kill(state.rank, step)
+        faults.maybe_stall(state.rank, step)
         t0 = time.perf_counter()
         if isinstance(zo, MeZO):
             closure, units = objective.closure(placement, step)
@@ -278,6 +283,9 @@ def _loop(cfg, state, placement, zo, objective, evaluator, logger, start, skippe
                                 {"step": done, "skipped_steps": skipped, "backend": run.backend, "run": fields})
         trainer_state = {"step": done, "skipped_steps": skipped, "backend": run.backend, "run": fields,
                          "best": evaluator.best}
+        opt_state = optimizers.state_dict(zo)
+        if opt_state is not None:  # what a resume needs beyond the parameters (sparse thresholds, adamezo history)
+            trainer_state["optimizer_state"] = opt_state
         if run.save_steps and done % run.save_steps == 0:
             save_checkpoint(placement, f"{run.output_dir}/checkpoint-{done}", trainer_state)
             if state.is_main:

@@ -53,6 +53,30 @@ def run_cmd(cmd: list[str], *, timeout: int = 600, check: bool = True, **env: st
     return proc
 
 
+def start_cmd(cmd: list[str], **env: str) -> subprocess.Popen:
+    """Start ``cmd`` without waiting (its own session, as in :func:`run_cmd`), for tests that
+    signal it while it runs."""
+    return subprocess.Popen(cmd, cwd=ROOT, env=launch_env(**env), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True)
+
+
+def rank_pids(launcher_pid: int) -> dict[int, int]:
+    """{rank: pid} of the processes under ``launcher_pid`` whose environment names a RANK."""
+    found, todo = {}, [launcher_pid]
+    while todo:
+        pid = todo.pop(0)  # breadth first: a rank before the helpers it starts
+        try:
+            children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+            environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        todo += [int(c) for c in children]
+        rank = [e[5:] for e in environ if e.startswith(b"RANK=")]
+        if rank and pid != launcher_pid:
+            found.setdefault(int(rank[0]), pid)
+    return found
+
+
 LAUNCHERS = {
     "python": lambda port: [sys.executable],
     "torchrun": lambda port: [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
@@ -83,3 +107,25 @@ def launch(launcher: str, script: str, args: list[str], **kw) -> subprocess.Comp
     if ok and left:
         raise AssertionError(f"the run left shared-memory segments behind: {[f.name for f in left]}")
     return proc
+
+
+def run_fused_tests_under_interpreter(test_file: str) -> None:
+    """Run the ``test_fused*`` tests of ``test_file`` in a process started with TRITON_INTERPRET=1
+    (Triton chooses the interpreter when it is imported, so a running process cannot switch), and
+    fail unless every one of them ran and passed. Skips where CUDA runs them in place."""
+    import importlib.util
+
+    import pytest
+
+    from mezo_dist.zo import passes
+
+    if passes.triton_available() or os.environ.get("TRITON_INTERPRET", "0") == "1":
+        pytest.skip("the fused tests run in this process")
+    if importlib.util.find_spec("triton") is None:
+        if os.environ.get("CI") == "true":
+            pytest.fail("triton is not installed: the fused pass cannot be tested (scripts/setup.sh installs it)")
+        pytest.skip("needs triton (its interpreter runs the fused pass on CPU)")
+    proc = run_cmd([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", test_file, "-k",
+                    "test_fused and not interpreter"], timeout=600, TRITON_INTERPRET="1")
+    tail = proc.stdout.strip().splitlines()[-1]
+    assert "passed" in tail and "skipped" not in tail and "failed" not in tail, proc.stdout[-3000:]

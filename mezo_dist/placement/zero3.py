@@ -57,6 +57,20 @@ class Zero3Placement(Placement):
             # partition at engine.step(), undoing every MeZO update.
             raise ValueError("the zero3 placement needs a DeepSpeed engine without an optimizer")
         self._mirrors: list[tuple[nn.Parameter, int, int]] = []
+        self._with_optimizer = with_optimizer
+
+    def _gather_persistent(self) -> None:
+        """Fetch the parameters DeepSpeed keeps gathered after their first use (below
+        ``stage3_param_persistence_threshold``) before handing out pieces: else such a piece is
+        a partition before the first forward (or after a gathered export released it) and the
+        whole parameter after it, and per-piece state of an optimizer (Sparse MeZO's mask) would
+        see its geometry change between two passes of a step. A collective only when one of them
+        is partitioned, which every rank sees alike."""
+        status = _status()
+        persist = [p for p in self.module.parameters() if getattr(p, "ds_persist", False)
+                   and p.ds_status == status.NOT_AVAILABLE]
+        if persist:
+            persist[0].all_gather(param_list=persist)
 
     @property
     def module(self) -> nn.Module:
@@ -75,6 +89,8 @@ class Zero3Placement(Placement):
         out: list[Piece] = []
         self._mirrors = []
         self._settle()
+        if not self._with_optimizer:
+            self._gather_persistent()
         for name, p in self.module.named_parameters():
             if not p.requires_grad:
                 continue

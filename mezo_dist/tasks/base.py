@@ -7,7 +7,6 @@ of its prompt *templates*, and how the MeZO paper draws its train/dev/eval sets.
 
 from __future__ import annotations
 
-import json
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -106,20 +105,36 @@ def int_label(value: Any, n: int, *, task: str) -> int:
     return value
 
 
+class Row(dict):
+    """A stored row that remembers where it came from (``origin``: a file and line, or a hub split
+    and index), so that a row a template cannot use is reported with its place."""
+
+    __slots__ = ("origin",)
+
+    def __init__(self, row: dict[str, Any], origin: str) -> None:
+        super().__init__(row)
+        self.origin = origin
+
+
+def first_field(row: dict[str, Any], *names: str) -> Any:
+    """The value of the first of ``names`` that ``row`` has; a KeyError naming them all if none."""
+    for name in names:
+        if name in row:
+            return row[name]
+    raise KeyError(" or ".join(names))
+
+
 def read_jsonl_rows(path: Path, *, task: str) -> list[dict[str, Any]]:
-    """Read a JSON Lines file whose every non-blank line is a JSON object."""
+    """Read a JSON Lines file whose every non-blank line is a JSON object of UTF-8 text."""
+    from mezo_dist.data import check_encodable
+    from mezo_dist.io import json_lines
+
     rows: list[dict[str, Any]] = []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError:
-                raise ConfigError(f"task {task}: {path} line {n} is not valid JSON") from None
-            if not isinstance(row, dict):
-                raise ConfigError(f"task {task}: {path} line {n} is not a JSON object")
-            rows.append(row)
+    for n, row in json_lines(path, what=f"task {task}:"):
+        if not isinstance(row, dict):
+            raise ConfigError(f"task {task}: {path} line {n} is not a JSON object")
+        check_encodable(row, where=f"task {task}: {path} line {n}")
+        rows.append(Row(row, f"{path} line {n}"))
     return rows
 
 
@@ -190,7 +205,7 @@ class Task:
             stem = self.splits[split]
             rows = self._read_local(stem, Path(data_dir)) if data_dir is not None else self._read_hub(stem)
             if self.expand is not None:
-                rows = [sub for r in rows for sub in self.expand(r)]
+                rows = [Row(sub, getattr(r, "origin", "a row")) for r in rows for sub in self._guarded(self.expand, r)]
             self._cache[key] = rows
         # A fresh list so callers may reorder it; the rows themselves are shared and read-only.
         return list(self._cache[key])
@@ -211,7 +226,7 @@ class Task:
         if not path:
             raise ConfigError(f"task {self.name} has no hub copy; pass --data_dir")
         ds = datasets.load_dataset(path, config, split=stem)
-        return [dict(r) for r in ds]
+        return [Row(dict(r), f"{path}{'/' + config if config else ''} split {stem} row {i}") for i, r in enumerate(ds)]
 
     # ---------------------------------------------------------------------------------- building
     def template(self, name: str | None = None) -> Template:
@@ -222,10 +237,27 @@ class Task:
 
     def build(self, row: dict[str, Any], template: str | None = None) -> Sample:
         """Turn one (expanded) row into a Sample with the named template (default if None)."""
-        sample = self.template(template).build(row)
+        sample = self._guarded(self.template(template).build, row)
         if self.kind == "generation" and not sample.is_generation:
             raise ConfigError(f"task {self.name}: a generation template produced candidates")
         return sample
+
+    def _guarded(self, fn: Callable[[dict[str, Any]], Any], row: dict[str, Any]) -> Any:
+        """``fn(row)``, with any complaint about the row turned into one line naming the task,
+        the row's place and the missing field."""
+        where = getattr(row, "origin", "a row")
+        prefix = f"task {self.name}: "
+        try:
+            return fn(row)
+        except KeyError as e:
+            raise ConfigError(f"{prefix}{where} has no field {e.args[0] if e.args else '?'}") from None
+        except ConfigError as e:
+            msg = str(e)
+            if where in msg:
+                raise
+            raise ConfigError(f"{prefix}{where}: {msg.removeprefix(prefix)}") from None
+        except (TypeError, AttributeError, ValueError, IndexError) as e:
+            raise ConfigError(f"{prefix}{where} does not fit the template ({type(e).__name__}: {e})") from None
 
     def sample_splits(
         self,

@@ -13,12 +13,12 @@ import string
 from typing import Any
 
 from mezo_dist.errors import ConfigError
-from mezo_dist.tasks.base import Sample, Task, Template, choice_sample, int_label, label_index
+from mezo_dist.tasks.base import Sample, Task, Template, choice_sample, first_field, int_label, label_index
 
 
 def _sentence(row: dict[str, Any]) -> str:
     # GLUE SST-2 sentences end with a space; strip it so the prompt has single spaces.
-    return str(row.get("sentence", row.get("text", ""))).strip()
+    return str(first_field(row, "sentence", "text")).strip()
 
 
 # ------------------------------------------------------------------------------------------ SST-2
@@ -52,11 +52,9 @@ NLI_WORDS = ["Yes", "Maybe", "No"]  # LM-BFF verbalizer
 
 
 def _nli_fields(row: dict[str, Any], task: str) -> tuple[str, str, int]:
-    premise = row.get("premise", row.get("sentence1"))
-    hypothesis = row.get("hypothesis", row.get("sentence2"))
-    label = row.get("label", row.get("gold_label"))
-    if premise is None or hypothesis is None:
-        raise ConfigError(f"task {task}: row has no premise/hypothesis (or sentence1/sentence2) fields")
+    premise = first_field(row, "premise", "sentence1")
+    hypothesis = first_field(row, "hypothesis", "sentence2")
+    label = first_field(row, "label", "gold_label")
     return str(premise).strip(), str(hypothesis).strip(), label_index(label, NLI_LABELS, task=task)
 
 
@@ -92,8 +90,8 @@ def _nli_question(task: str):
 def _drop_unlabeled(row: dict[str, Any]) -> list[dict[str, Any]]:
     # SNLI on the hub marks pairs without annotator agreement with label -1 (the official files
     # with gold_label "-"); the paper's sets exclude them.
-    label = row.get("label", row.get("gold_label"))
-    return [] if label in (-1, "-", None) else [row]
+    # A row with no label field at all is malformed, not unlabeled.
+    return [] if first_field(row, "label", "gold_label") in (-1, "-") else [row]
 
 
 # ------------------------------------------------------------------------------------------- TREC

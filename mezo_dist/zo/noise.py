@@ -18,9 +18,10 @@ bit ``j % 8`` of byte ``j // 8`` of the words' little-endian low four bytes to e
 (set: +1, clear: -1); drawing bits costs about a twentieth of drawing normals.
 
 Blocks are independent generators, so :mod:`mezo_dist.zo.passes` may draw several at once on
-CPU threads without changing a single value. On CUDA with Triton, ``passes`` uses another
-stream altogether (Philox, keyed by the parameter key and the global index, see
-``triton_pass.py``): z then agrees across layouts on CUDA, not with the CPU stream.
+CPU threads without changing a single value. This is the ``blocks`` stream (``--zo_kernel
+blocks``); the default is now the ``hash`` stream (``hashz.py``, drawn by ``compiled.py``), and
+``triton_pass.py`` draws a third (Philox). The keys above (:func:`step_seed`, :func:`param_key`)
+serve all three.
 """
 
 from __future__ import annotations

@@ -65,8 +65,9 @@ class MeZO:
         seed: the run seed; step ``t`` uses ``noise.step_seed(seed, t)``.
         num_directions: perturbations averaged per step (n-SPSA); each costs two forwards.
         perturbation: ``gaussian`` (the paper's z) or ``rademacher`` (z = +-1, cheaper to draw).
-        kernel: how z is drawn and applied: ``auto`` (the fused Triton pass on CUDA when triton
-            is importable, else ``blocks``), ``blocks`` or ``triton``; see ``zo/passes.py``.
+        kernel: how z is drawn and applied: ``auto`` (= ``compiled``: the hash stream by one
+            torch.compile kernel, on every device), ``compiled``, ``blocks`` or ``triton``; see
+            ``zo/passes.py``.
     """
 
     def __init__(
@@ -100,23 +101,25 @@ class MeZO:
         # The perturbation the model holds now, as (seed, scale): pieces with fp32 masters keep
         # it out of the masters, in their compute storage (see zo/passes.py).
         self._perturbed: tuple[int, float] = (0, 0.0)
+        # An elementwise factor on z in every pass (Sparse MeZO sets it, see zo/sparse.py).
+        self.mask: passes.Mask | None = None
 
     @property
     def noise_stream(self) -> str:
-        """``blocks`` or ``philox``: which stream this run's z come from (replay needs the same)."""
+        """``hash``, ``blocks`` or ``philox``: which stream this run's z come from (replay needs the same)."""
         return passes.stream_name(self.kernel, self.perturbation)
 
     # -- passes over the parameters ----------------------------------------------------------
 
     @torch.no_grad()
     def _pass(self, seed: int, fn: passes.Op) -> None:
-        """One pass over this rank's pieces; ``fn`` is an :class:`passes.Affine` (fused on
-        CUDA) or a callable ``fn(x, z, piece)`` given materialised slices of z."""
+        """One pass over this rank's pieces; ``fn`` is an :class:`passes.Affine` (fused on the
+        compiled and triton paths) or a callable ``fn(x, z, piece)`` given materialised slices of z."""
         held_seed, offset = self._perturbed
         if offset != 0.0 and held_seed != seed:
             raise RuntimeError(f"a pass with seed {seed} while the perturbation of seed {held_seed} is applied")
         wrote = passes.run_pass(self.placement.pieces(), seed, fn, kind=self.perturbation, kernel=self.kernel,
-                                scratch=self._scratch, offset=offset)
+                                scratch=self._scratch, offset=offset, mask=self.mask)
         if isinstance(fn, passes.Affine):
             self._perturbed = (seed, offset + fn.a)
         self.placement.compute_synced = wrote

@@ -112,3 +112,23 @@ def test_replay_from_the_seed_log_rebuilds_the_weights(layout, uninterrupted, ti
     assert max((w_ref[k] - w_out[k]).abs().max().item() for k in w_ref) <= 1e-6
     size = (uninterrupted / "trajectory.jsonl").stat().st_size
     assert size / STEPS < 300, "the seed log should cost a few hundred bytes per step"
+
+
+def test_a_corrupt_file_only_one_rank_reads_stops_every_rank_with_one_line(tiny_models, text_file, tmp_path):
+    """Under 2-rank FSDP2 each rank reads only its own file: rank 1 finds the flipped byte, tells
+    rank 0, and both stop with the same error (rank 0 prints it) instead of diverging."""
+    out = tmp_path / "out"
+    train("fsdp2", tiny_models["opt"], text_file, out, tmp_path, "--max_steps", "3")
+    shard = out / "checkpoint-3" / "rank-00001.safetensors"
+    data = bytearray(shard.read_bytes())
+    data[-3] ^= 0x10
+    shard.write_bytes(bytes(data))
+    proc = train("fsdp2", tiny_models["opt"], text_file, out, tmp_path, "--max_steps", "3",
+                 "--resume_from_checkpoint", "latest", check=False, timeout=300)
+    assert proc.returncode != 0
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("mezo_dist: error:")]
+    assert lines == [f"mezo_dist: error: checkpoint {out}/checkpoint-3 is corrupt: rank-00001.safetensors does not "
+                     "match its sha256"], proc.stderr[-3000:]
+    import re
+
+    assert not re.search(r'File ".*mezo_dist/', proc.stderr), "a rank printed a traceback"

@@ -18,8 +18,10 @@ def test_single_process_run_writes_every_output(tiny_models, text_file, tmp_path
 
     rows = [json.loads(line) for line in (out / "trajectory.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [0, 1, 2, 3]
-    assert all(set(r) == {"step", "seed", "projected_grad", "loss", "lr", "eps", "wd", "perturbation"} for r in rows)
-    assert all(r["perturbation"] == "gaussian" for r in rows)
+    assert all(set(r) == {"step", "seed", "projected_grad", "loss", "lr", "eps", "wd", "perturbation", "noise"}
+               for r in rows)
+    # The default kernel draws z from the hash stream; the row says so, so replay draws the same z.
+    assert all(r["perturbation"] == "gaussian" and r["noise"] == "hash" for r in rows)
     assert all(math.isfinite(r["projected_grad"]) and r["loss"] > 0 for r in rows)
     assert [r["lr"] for r in rows] == [1e-3, 7.5e-4, 5e-4, 2.5e-4]  # linear decay to 0 at step 4
 

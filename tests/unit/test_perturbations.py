@@ -1,4 +1,5 @@
-"""Perturbation passes: Rademacher z, the threaded CPU path, and the fused CUDA path.
+"""Perturbation passes: Rademacher z, the threaded CPU path, and the fused CUDA path (the
+compiled hash path has its own file, test_hash_noise.py).
 
 The threaded pass must give the serial draw bit for bit; the fused Triton pass (GPU only) must
 give every shard the same z as the whole parameter.
@@ -14,7 +15,6 @@ import torch
 from mezo_dist import MeZO, wrap
 from mezo_dist.placement.base import Piece
 from mezo_dist.zo import noise, passes
-from tests.helpers import run_cmd
 
 
 @pytest.fixture
@@ -86,16 +86,19 @@ def test_affine_and_callable_ops_agree(small_blocks):
     assert torch.equal(x, y)
 
 
-def test_rademacher_step_follows_zo_sgd():
+@pytest.mark.parametrize("kernel,stream", [("auto", "hash"), ("blocks", "blocks")])
+def test_rademacher_step_follows_zo_sgd(kernel, stream):
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(7, 5), torch.nn.Linear(5, 3))
     before = {k: v.detach().clone() for k, v in model.named_parameters()}
     x = torch.linspace(-1, 1, 14).reshape(2, 7)
-    zo = MeZO(wrap(model), lr=1e-2, eps=1e-3, seed=4, perturbation="rademacher")
-    assert zo.noise_stream == "blocks"
+    zo = MeZO(wrap(model), lr=1e-2, eps=1e-3, seed=4, perturbation="rademacher", kernel=kernel)
+    assert zo.noise_stream == stream
     res = zo.step(lambda: model(x).pow(2).mean())
     for name, p in model.named_parameters():
-        z = noise.draw(noise.param_key(res.seed, name), 0, p.numel(), p.numel(), kind="rademacher").view_as(p)
+        z = passes.draw(zo.kernel, noise.param_key(res.seed, name), 0, p.numel(), p.numel(),
+                        kind="rademacher").view_as(p)
+        assert set(z.unique().tolist()) <= {-1.0, 1.0}
         assert torch.allclose(p.detach(), before[name] - 1e-2 * res.projected_grad * z, atol=1e-6), name
     with pytest.raises(ValueError, match="unknown perturbation"):
         MeZO(wrap(model), lr=1e-3, perturbation="uniform")
@@ -107,7 +110,7 @@ def test_triton_kernel_is_refused_without_cuda(monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     with pytest.raises(ValueError, match="needs a CUDA device"):
         passes.resolve_kernel("triton", torch.device("cpu"))
-    assert passes.resolve_kernel("auto", torch.device("cpu")) == "blocks"
+    assert passes.resolve_kernel("auto", torch.device("cpu")) == "compiled"
 
 
 # -- the fused Triton pass: compiled on CUDA, else under Triton's interpreter on CPU ----------
@@ -129,19 +132,9 @@ def triton_device():
 
 
 def test_fused_pass_under_triton_interpreter():
-    import importlib.util
-    import sys
+    from tests.helpers import run_fused_tests_under_interpreter
 
-    if passes.triton_available() or INTERPRETED:
-        pytest.skip("the fused tests run in this process")
-    if importlib.util.find_spec("triton") is None:
-        if os.environ.get("CI") == "true":
-            pytest.fail("triton is not installed: the fused pass cannot be tested (scripts/setup.sh installs it)")
-        pytest.skip("needs triton (its interpreter runs the fused pass on CPU)")
-    proc = run_cmd([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k", "test_fused and not interpreter"],
-                   timeout=600, TRITON_INTERPRET="1")
-    tail = proc.stdout.strip().splitlines()[-1]
-    assert "passed" in tail and "skipped" not in tail and "failed" not in tail, proc.stdout[-3000:]
+    run_fused_tests_under_interpreter(__file__)
 
 
 @pytest.mark.parametrize("kind", noise.KINDS)

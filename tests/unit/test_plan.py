@@ -63,9 +63,11 @@ def test_paper_headline_66b_on_two_gpus():
         assert plan.min_gpus(opt("66b"), "mezo", backend, PAPER, A100) == 2
     assert not plan.fits(opt("66b"), "mezo", "single", two, A100), "replicas do not shrink"
     assert plan.min_gpus(opt("66b"), "mezo", "single", PAPER, A100) is None
-    # Offloading parameters to host memory leaves only the gathered layers on the device.
+    # Offloading parameters to host memory leaves only the gathered layers and the persistent
+    # parameters (biases and norms, 0.01% of OPT-66B) on the device.
     off = plan.estimate(opt("66b"), "mezo", "zero3_offload", PAPER)
-    assert off.parameters == 0 and off.host == 2 * opt("66b").params and off.total < A100
+    assert off.parameters == 2 * plan.persistent_numel(opt("66b")) < 1e-3 * 2 * opt("66b").params
+    assert off.host == 2 * opt("66b").params and off.total < A100
 
 
 def test_peft_and_sharding_terms():
@@ -75,7 +77,9 @@ def test_peft_and_sharding_terms():
     assert lora.optimizer < full.optimizer / 1000 and lora.activations == full.activations
     four = plan.Setting(gpus=4, seq_len=400, batch_size=1, dtype="fp16")
     sharded = plan.estimate(big, "adam_full", "zero3", four)
-    assert sharded.parameters == -(-full.parameters // 4) and sharded.optimizer == -(-full.optimizer // 4)
+    # Every OPT-13B tensor splits evenly in 4; ZeRO-3 also keeps the persistent parameters whole.
+    persistent = 2 * plan.persistent_numel(big)
+    assert sharded.parameters - persistent == full.parameters // 4 and sharded.optimizer == full.optimizer // 4
     assert plan.estimate(big, "mezo_prefix", "single", PAPER).activations > plan.estimate(big, "mezo", "single", PAPER).activations
     fp32 = plan.Setting(gpus=1, seq_len=400, batch_size=1, dtype="fp32")
     e = plan.estimate(big, "adam_full", "single", fp32)

@@ -57,7 +57,10 @@ def test_every_train_flag_in_the_readme_exists():
 def test_every_shipped_ds_config_is_accepted_by_its_trainer():
     import json
 
+    import torch
+
     from mezo_dist.config import read_ds_config
+    from mezo_dist.placement.deepspeed_config import check_with_deepspeed
 
     shipped = sorted((ROOT / "ds_configs").glob("*.json"))
     assert {p.name for p in shipped} >= {"zero3.json", "zero3_offload.json", "zero3_adamw.json",
@@ -67,4 +70,6 @@ def test_every_shipped_ds_config_is_accepted_by_its_trainer():
         with_optimizer = "optimizer" in json.loads(path.read_text())
         cfg = read_ds_config(str(path), with_optimizer=with_optimizer)
         assert cfg["zero_optimization"]["stage"] == 3, path.name
+        # ... and by DeepSpeed's own config classes, as the start-up check runs them.
+        check_with_deepspeed(cfg, str(path), micro_batch=2, accumulation=2, world_size=2, dtype=torch.bfloat16)
         assert path.name in README, f"the README does not mention {path.name}"

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from mezo_dist import MeZO, wrap
-from mezo_dist.zo import noise
+from mezo_dist.zo import noise, passes
 
 
 def tiny_net() -> nn.Module:
@@ -42,7 +42,7 @@ def test_update_follows_zo_sgd_with_decay_on_matrices_only():
     res = zo.step(quadratic_loss(model))
     assert res.step == 0 and res.seed == noise.step_seed(3, 0) and not res.skipped
     for name, p in model.named_parameters():
-        z = noise.draw(noise.param_key(res.seed, name), 0, p.numel(), p.numel()).view_as(p)
+        z = passes.draw(zo.kernel, noise.param_key(res.seed, name), 0, p.numel(), p.numel()).view_as(p)
         theta = before[name]
         decay = wd if p.dim() >= 2 else 0.0
         expected = theta - lr * (res.projected_grad * z + decay * theta)
@@ -113,7 +113,7 @@ def test_several_directions_average_single_direction_estimates_measured_separate
         probe = tiny_net()
         with torch.no_grad():
             for name, p in probe.named_parameters():
-                z = noise.draw(noise.param_key(seed, name), 0, p.numel(), p.numel()).view_as(p)
+                z = passes.draw(zo.kernel, noise.param_key(seed, name), 0, p.numel(), p.numel()).view_as(p)
                 p.copy_(theta[name] + scale * z)
             return float(quadratic_loss(probe)())
 
@@ -124,6 +124,6 @@ def test_several_directions_average_single_direction_estimates_measured_separate
     assert [g for _, g in res.directions] == pytest.approx(separate, abs=1e-4)
     assert res.projected_grad == pytest.approx(sum(separate) / n, abs=1e-4)
     for name, p in model.named_parameters():
-        step = sum(g * noise.draw(noise.param_key(s, name), 0, p.numel(), p.numel()).view_as(p)
+        step = sum(g * passes.draw(zo.kernel, noise.param_key(s, name), 0, p.numel(), p.numel()).view_as(p)
                    for s, g in res.directions) / n
         assert torch.allclose(p.detach(), theta[name] - lr * step, atol=1e-6), name
