@@ -2,8 +2,9 @@
 
 ``MeZOTrainer`` keeps Trainer's loop, data loading, evaluation, logging, ``save_model``,
 checkpoint rotation and ``resume_from_checkpoint``; what changes is the step. On the last
-micro-batch of each optimisation step, ``training_step`` runs one zeroth-order step of this
-project on the model Trainer prepared, adopted with :func:`mezo_dist.wrap`:
+micro-batch of each optimisation step, ``training_step`` runs one step of a zeroth-order
+optimizer of this project (``mezo_dist.zo.optimizers``, by ``zo_optimizer``) on the model Trainer
+prepared, adopted with :func:`mezo_dist.wrap`:
 
 * a plain module (one process, or replicas under DDP: the step needs no gradient averaging, so
   the module inside DDP is used, and every replica draws the same z);
@@ -19,22 +20,24 @@ examples), the sums of all micro-batches of a step are added under one perturbat
 step's one all-reduce divides by the global weight: the loss of the whole global batch, however
 it is split over ranks and ``gradient_accumulation_steps``. The learning rate of step t is the
 one Trainer's scheduler holds at step t; the seed of step t is
-``mezo_dist.zo.noise.step_seed(args.seed, state.global_step)``, so a resumed run repeats the
-uninterrupted run's directions.
+``mezo_dist.zo.noise.step_seed(args.seed, t)``, so a resumed run repeats the uninterrupted run's
+directions.
 """
 
 from __future__ import annotations
 
-import json
+import dataclasses
 import logging
 import os
-from dataclasses import dataclass, field
-from typing import Any, Optional, Union
+from dataclasses import dataclass
+from types import SimpleNamespace
+from typing import Any, Optional
 
 import torch
 from transformers import Trainer, TrainingArguments
 
-from mezo_dist.integrations import optimizers
+from mezo_dist.config import BackpropArguments, ZOArguments, validate_zo_optimizer
+from mezo_dist.zo import optimizers
 
 logger = logging.getLogger(__name__)
 
@@ -43,68 +46,79 @@ logger = logging.getLogger(__name__)
 ZO_CHECKPOINT = "zo_checkpoint"
 SCHEDULER_NAME = "scheduler.pt"  # Trainer's own name for the scheduler state
 
+_ZO_FIELDS = {f.name: f for f in dataclasses.fields(ZOArguments) if f.name.startswith("zo_")}
+
+
+def _zo_field(name: str) -> Any:
+    """A field of ``launch/train.py``'s ZOArguments, with its default and help: one definition."""
+    f = _ZO_FIELDS[name]
+    return dataclasses.field(default=f.default, metadata=dict(f.metadata))
+
 
 @dataclass
 class MeZOTrainingArguments(TrainingArguments):
-    """``TrainingArguments`` plus the zeroth-order step's settings.
+    """``TrainingArguments`` plus the zeroth-order step's settings (the ``zo_*`` flags of
+    ``launch/train.py``, same names, defaults and meaning).
 
     ``learning_rate``, ``weight_decay`` (matrices only, as this project and the MeZO reference
     decay), ``lr_scheduler_type`` / warmup, ``seed``, ``gradient_accumulation_steps``, logging,
-    evaluation and saving keep Trainer's meaning. ``max_grad_norm`` defaults to 0: there are no
+    evaluation and saving keep Trainer's meaning. ``max_grad_norm`` is ignored: there are no
     gradients to clip.
     """
 
-    zo_optimizer: str = field(
-        default="mezo",
-        metadata={"help": "Zeroth-order optimizer: mezo (ZO-SGD, the MeZO paper), or another name of "
-                  "mezo_dist.integrations.optimizers.registry() where this install has them."},
-    )
-    zo_optimizer_kwargs: Optional[Union[dict, str]] = field(
-        default=None,
-        metadata={"help": "The optimizer's own hyper-parameters under its constructor's names, as a dict or a "
-                  "JSON string (for example {\"sparsity\": 0.75} for sparse)."},
-    )
-    zo_eps: float = field(default=1e-3, metadata={"help": "Perturbation scale eps."})
-    zo_num_directions: Optional[int] = field(
-        default=None, metadata={"help": "Directions per step (mezo: averaged SPSA estimates, two forwards each; "
-                                "default: the optimizer's, 1 for mezo)."}
-    )
-    zo_perturbation: Optional[str] = field(
-        default=None, metadata={"help": "gaussian or rademacher z (default: the optimizer's, gaussian for mezo)."}
-    )
-    zo_kernel: str = field(
-        default="auto", metadata={"help": "How z is drawn and applied: auto, blocks or triton (see mezo_dist.zo.passes)."}
-    )
-    zo_trajectory: bool = field(
+    zo_optimizer: str = _zo_field("zo_optimizer")
+    zo_eps: float = _zo_field("zo_eps")
+    zo_num_directions: Optional[int] = _zo_field("zo_num_directions")
+    zo_perturbation: Optional[str] = _zo_field("zo_perturbation")
+    zo_kernel: str = _zo_field("zo_kernel")
+    zo_sparsity: float = _zo_field("zo_sparsity")
+    zo_sparse_refresh: int = _zo_field("zo_sparse_refresh")
+    zo_beta1: float = _zo_field("zo_beta1")
+    zo_beta2: float = _zo_field("zo_beta2")
+    zo_history: int = _zo_field("zo_history")
+    zo_adam_eps: float = _zo_field("zo_adam_eps")
+    zo_trajectory: bool = dataclasses.field(
         default=True,
         metadata={"help": "Write <output_dir>/trajectory.jsonl, the seed log (seed, projected gradient, lr per step) "
                   "from which launch/replay.py rebuilds the fine-tuned weights."},
     )
-    max_grad_norm: float = field(default=0.0, metadata={"help": "Must stay 0: a zeroth-order step has no gradients."})
 
     def __post_init__(self) -> None:
         super().__post_init__()
         from mezo_dist.zo import noise, passes
 
-        if isinstance(self.zo_optimizer_kwargs, str):
-            self.zo_optimizer_kwargs = json.loads(self.zo_optimizer_kwargs)
-        if self.zo_optimizer not in optimizers.registry():
-            raise ValueError(f"unknown zo_optimizer {self.zo_optimizer!r}; this install has "
-                             f"{', '.join(sorted(optimizers.registry()))}")
+        # launch/train.py's own checks (ConfigError, a ValueError), which also fill the defaults
+        # that depend on the optimizer (fzoo: 8 rademacher directions).
+        zo = ZOArguments(**{name: getattr(self, name) for name in _ZO_FIELDS})
+        validate_zo_optimizer(SimpleNamespace(zo=zo, bp=BackpropArguments()))
+        self.zo_num_directions, self.zo_perturbation = zo.zo_num_directions, zo.zo_perturbation
         if not self.zo_eps > 0:
             raise ValueError(f"zo_eps must be > 0, got {self.zo_eps}")
-        if self.zo_num_directions is not None and self.zo_num_directions < 1:
-            raise ValueError(f"zo_num_directions must be >= 1, got {self.zo_num_directions}")
-        if self.zo_perturbation is not None and self.zo_perturbation not in noise.KINDS:
+        if self.zo_perturbation not in noise.KINDS:
             raise ValueError(f"unknown zo_perturbation {self.zo_perturbation!r}; choose one of {', '.join(noise.KINDS)}")
         if self.zo_kernel not in passes.KERNELS:
             raise ValueError(f"unknown zo_kernel {self.zo_kernel!r}; choose one of {', '.join(passes.KERNELS)}")
-        if self.max_grad_norm:
-            raise ValueError("max_grad_norm clips gradients, and a zeroth-order step computes none; leave it at 0")
         if self.fp16 and not self.deepspeed:
             # accelerate's GradScaler would check gradients that a zeroth-order step never makes.
             raise ValueError("fp16=True scales gradients for backpropagation; with MeZO load the model in float16 "
-                             "(torch_dtype=torch.float16) or use bf16=True")
+                             "(dtype=torch.float16) or use bf16=True")
+
+
+class ScheduledRate(torch.optim.Optimizer):
+    """The optimizer a ``transformers.Trainer`` loop sees: one parameter group whose learning
+    rate Trainer's scheduler sets each step, and which the zeroth-order step reads.
+
+    It holds references to the trainable parameters (Trainer and accelerate expect an optimizer
+    over them) and no state at all. Its :meth:`step` does nothing: the zeroth-order step needs the
+    step's batch, which only ``training_step`` sees, so the update has been applied by the time
+    Trainer's loop calls ``optimizer.step()``.
+    """
+
+    def __init__(self, params, *, lr: float) -> None:
+        super().__init__(params, {"lr": lr})
+
+    def step(self, closure=None):  # noqa: D401 - see the class docstring
+        return None
 
 
 class MeZOTrainer(Trainer):
@@ -142,8 +156,14 @@ class MeZOTrainer(Trainer):
     def create_optimizer(self, model=None) -> torch.optim.Optimizer:
         if self.optimizer is None:
             params = [p for p in (model or self.model).parameters() if p.requires_grad]
-            self.optimizer = optimizers.ScheduledRate(params, lr=self.args.learning_rate)
+            self.optimizer = ScheduledRate(params, lr=self.args.learning_rate)
         return self.optimizer
+
+    def _clip_grad_norm(self, model):
+        return None  # no gradients
+
+    def _get_grad_norm(self, model, grad_norm=None):
+        return None  # Trainer then logs no grad_norm
 
     def _prepare_for_training(self, max_steps, train_dataloader, resume_from_checkpoint):
         if not self.is_deepspeed_enabled:
@@ -217,9 +237,10 @@ class MeZOTrainer(Trainer):
         self._zo = optimizers.build(
             args.zo_optimizer, self._placement, lr=lambda _step: float(self.optimizer.param_groups[0]["lr"]),
             eps=args.zo_eps, weight_decay=args.weight_decay, seed=args.seed, num_directions=args.zo_num_directions,
-            perturbation=args.zo_perturbation, kernel=args.zo_kernel, **(args.zo_optimizer_kwargs or {}))
+            perturbation=args.zo_perturbation, kernel=args.zo_kernel,
+            **optimizers.hyper_from_args(args.zo_optimizer, args))
         if self._resumed_state is not None:
-            optimizers.load_optimizer_state(self._zo, self._resumed_state.get("optimizer_state"))
+            optimizers.load_state_dict(self._zo, self._resumed_state.get("optimizer_state"))
             self._skipped = int(self._resumed_state.get("skipped_steps", 0))
         if args.zo_trajectory:
             from mezo_dist.metrics import RunLogger
@@ -245,7 +266,8 @@ class MeZOTrainer(Trainer):
 
         A causal LM with labels and Trainer's own loss: the next-token losses summed in float64
         over the target tokens (the mean that Trainer reports, made exact over ranks and
-        micro-batches). Otherwise ``compute_loss`` (a mean over the micro-batch) times its examples.
+        micro-batches), as ``launch/train.py`` computes them. Otherwise ``compute_loss`` (a mean
+        over the micro-batch) times its examples.
         """
         if self._token_loss(inputs):
             from mezo_dist.objectives import causal_lm_loss
@@ -268,10 +290,9 @@ class MeZOTrainer(Trainer):
                 and type(base).__name__ in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values())
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
-        """Training logs carry the mean projected gradient since the last log (and skipped steps);
-        Trainer's ``grad_norm`` of gradients that do not exist is dropped."""
+        """Training logs carry the mean projected gradient since the last log (and skipped steps)."""
         if "loss" in logs and (self._g_count or self._skipped):
-            logs = {k: v for k, v in logs.items() if k != "grad_norm"}
+            logs = dict(logs)
             if self._g_count:
                 logs["projected_grad"] = self._g_sum / self._g_count
             if self._skipped:
@@ -284,9 +305,8 @@ class MeZOTrainer(Trainer):
     def _resume_fields(self) -> dict[str, Any]:
         """What a resumed run must share with the run that wrote the checkpoint."""
         a = self.args
-        return {"seed": a.seed, "zo_eps": a.zo_eps, "zo_optimizer": a.zo_optimizer,
-                "zo_num_directions": a.zo_num_directions, "zo_perturbation": a.zo_perturbation,
-                "zo_optimizer_kwargs": a.zo_optimizer_kwargs or {}, "weight_decay": a.weight_decay}
+        fields = {name: getattr(a, name) for name in _ZO_FIELDS if name != "zo_kernel"}
+        return fields | {"seed": a.seed, "weight_decay": a.weight_decay}
 
     def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
         """The trainable parameters as layout-invariant chunks (every rank writes its own, no
@@ -296,7 +316,10 @@ class MeZOTrainer(Trainer):
         if self._placement is None:
             self._placement = self._place(self.model_wrapped)
         state = {"step": self.state.global_step, "skipped_steps": self._skipped, "backend": self._placement.name,
-                 "run": self._resume_fields(), "optimizer_state": optimizers.optimizer_state(self._zo)}
+                 "run": self._resume_fields()}
+        opt_state = optimizers.state_dict(self._zo)
+        if opt_state is not None:
+            state["optimizer_state"] = opt_state
         save_checkpoint(self._placement, os.path.join(output_dir, ZO_CHECKPOINT), state)
         if self.args.should_save:
             torch.save(self.lr_scheduler.state_dict(), os.path.join(output_dir, SCHEDULER_NAME))
@@ -319,3 +342,7 @@ class MeZOTrainer(Trainer):
         # zeroth-order optimizer's state came with the parameters.
         if checkpoint is not None and os.path.isfile(os.path.join(checkpoint, SCHEDULER_NAME)):
             self.lr_scheduler.load_state_dict(torch.load(os.path.join(checkpoint, SCHEDULER_NAME), weights_only=True))
+            # A scheduler's state holds its last rate but does not set it on the optimizer (a
+            # loaded optimizer state would); the step reads the optimizer's.
+            for group, lr in zip(self.optimizer.param_groups, self.lr_scheduler.get_last_lr()):
+                group["lr"] = lr
