@@ -49,12 +49,21 @@ def ordered_dataset(texts: list[str], tokenizer, *, max_length: int, global_batc
 
 def main(argv: list[str] | None = None) -> None:
     a = parse(argv)
+    import torch
+
     from mezo_dist.distributed import env_world, init_distributed
 
     world = env_world()[1]
-    if a.ds_config and world > 1:
-        # On CPU, accelerate would ask DeepSpeed for its default (ccl) backend: start gloo first.
+    accelerator_config = None
+    if a.ds_config and world > 1 and not torch.cuda.is_available():
+        # Without a GPU, accelerate's state sees no distributed backend for DeepSpeed (it picks
+        # one per device type) and TrainingArguments would count one process: start the group on
+        # gloo, configure accelerate's state on it, and tell TrainingArguments to use that state.
+        from accelerate import PartialState
+
         init_distributed(use_deepspeed=True)
+        PartialState(backend="gloo")
+        accelerator_config = {"use_configured_state": True}
     from transformers import AutoModelForCausalLM, AutoTokenizer, DataCollatorForLanguageModeling, TrainerCallback
 
     from mezo_dist.integrations.transformers import MeZOTrainer, MeZOTrainingArguments
@@ -67,7 +76,7 @@ def main(argv: list[str] | None = None) -> None:
         gradient_accumulation_steps=a.accumulation, learning_rate=1e-3, weight_decay=0.1, lr_scheduler_type="linear",
         zo_eps=1e-3, seed=a.seed, train_sampling_strategy="sequential", logging_steps=1, save_steps=a.save_steps or 10**9,
         save_strategy="steps" if a.save_steps else "no", report_to="none", disable_tqdm=True, deepspeed=a.ds_config,
-        ddp_backend="gloo" if world > 1 else None, **fsdp)
+        ddp_backend="gloo" if world > 1 else None, accelerator_config=accelerator_config, **fsdp)
     tokenizer = AutoTokenizer.from_pretrained(a.model)
     model = AutoModelForCausalLM.from_pretrained(a.model)
     texts = [json.loads(line)["text"] for line in Path(a.texts).read_text().splitlines()]
