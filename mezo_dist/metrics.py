@@ -76,12 +76,14 @@ def tracker_names(report_to: str) -> list[str]:
     if names == ["none"]:
         return []
     # Trackers registered with accelerate.tracking.register_tracker_class count as installed.
-    installed = [str(t) for t in get_available_trackers()] + [n for n in LOGGER_TYPE_TO_CLASS if n not in LoggerType.list()]
+    installed = [str(t) for t in get_available_trackers()]
+    installed += [n for n in LOGGER_TYPE_TO_CLASS if n not in LoggerType.list()]
     if names == ["all"]:
         return installed
     for name in names:
         if name not in LOGGER_TYPE_TO_CLASS:
-            raise ConfigError(f"unknown --report_to {name!r}; choose none, all or any of {', '.join(LOGGER_TYPE_TO_CLASS)}")
+            raise ConfigError(f"unknown --report_to {name!r}; choose none, all or any of "
+                              f"{', '.join(LOGGER_TYPE_TO_CLASS)}")
         if name not in installed:
             raise ConfigError(f"--report_to {name}: the {name} package is not installed")
     return names

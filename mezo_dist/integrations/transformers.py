@@ -95,7 +95,8 @@ class MeZOTrainingArguments(TrainingArguments):
         if not self.zo_eps > 0:
             raise ValueError(f"zo_eps must be > 0, got {self.zo_eps}")
         if self.zo_perturbation not in noise.KINDS:
-            raise ValueError(f"unknown zo_perturbation {self.zo_perturbation!r}; choose one of {', '.join(noise.KINDS)}")
+            raise ValueError(f"unknown zo_perturbation {self.zo_perturbation!r}; "
+                             f"choose one of {', '.join(noise.KINDS)}")
         if self.zo_kernel not in passes.KERNELS:
             raise ValueError(f"unknown zo_kernel {self.zo_kernel!r}; choose one of {', '.join(passes.KERNELS)}")
         if self.fp16 and not self.deepspeed:

@@ -102,14 +102,16 @@ def test_trainer_resume_equals_uninterrupted_run(runs):
         assert torch.equal(w_full[k], w_res[k]), f"{k} differs by {(w_full[k] - w_res[k]).abs().max().item()}"
 
 
-def test_two_ranks_zero3_under_accelerate_equal_one_process(runs, tmp_path):
-    """The Trainer's DeepSpeed path: a forward-only ZeRO-3 engine built from the shipped
-    ds_config (no optimizer, so no fp32 masters copied back over MeZO's edits), 2 CPU ranks."""
-    out = tmp_path / "zero3"
-    launch("accelerate-zero3", "tests/distributed/workers/hf_trainer.py",
-           script_args(runs["model"], runs["texts"], out, "--ds_config", str(ROOT / "ds_configs" / "zero3.json")))
+@pytest.mark.parametrize("launcher,placement", [("accelerate-zero3", "zero3"), ("torchrun", "single")])
+def test_two_ranks_equal_one_process(launcher, placement, runs, tmp_path):
+    """The Trainer's DeepSpeed path under accelerate launch: a forward-only ZeRO-3 engine built
+    from the shipped ds_config (no optimizer, so no fp32 masters copied back over MeZO's edits);
+    and under torchrun, DDP replicas whose step runs the module inside DDP. 2 CPU ranks each."""
+    out = tmp_path / placement
+    extra = ["--ds_config", str(ROOT / "ds_configs" / "zero3.json")] if placement == "zero3" else []
+    launch(launcher, "tests/distributed/workers/hf_trainer.py", script_args(runs["model"], runs["texts"], out, *extra))
     placed = json.loads((out / "placement.json").read_text())
-    assert placed["placement"] == "zero3" and placed["world_size"] == 2
+    assert placed["placement"] == placement and placed["world_size"] == 2
     one, two = trajectory(runs["hf"]), trajectory(out)
     assert len(two) == STEPS
     for a, b in zip(one, two):

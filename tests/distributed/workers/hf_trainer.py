@@ -74,9 +74,12 @@ def main(argv: list[str] | None = None) -> None:
     args = MeZOTrainingArguments(
         output_dir=a.output_dir, max_steps=a.steps, per_device_train_batch_size=micro,
         gradient_accumulation_steps=a.accumulation, learning_rate=1e-3, weight_decay=0.1, lr_scheduler_type="linear",
-        zo_eps=1e-3, seed=a.seed, train_sampling_strategy="sequential", logging_steps=1, save_steps=a.save_steps or 10**9,
+        zo_eps=1e-3, seed=a.seed, train_sampling_strategy="sequential", logging_steps=1,
+        save_steps=a.save_steps or 10**9,
         save_strategy="steps" if a.save_steps else "no", report_to="none", disable_tqdm=True, deepspeed=a.ds_config,
-        ddp_backend="gloo" if world > 1 else None, accelerator_config=accelerator_config, **fsdp)
+        ddp_backend="gloo" if world > 1 else None, accelerator_config=accelerator_config,
+        # Replicas on CPU ranks: accelerate counts CPU processes only when told it runs on CPU.
+        use_cpu=world > 1 and not a.ds_config and not torch.cuda.is_available(), **fsdp)
     tokenizer = AutoTokenizer.from_pretrained(a.model)
     model = AutoModelForCausalLM.from_pretrained(a.model)
     texts = [json.loads(line)["text"] for line in Path(a.texts).read_text().splitlines()]
