@@ -104,8 +104,13 @@ def test_zero3_partitions_cover_every_element_once(size, world, deepspeed_rank):
                 assert tuple(p.ds_shape) == tensor_shape and p.ds_tensor.ds_numel == -(-numel // world)
                 assert _partition_geometry(p) == (offset, count)
                 piece = pieces[name]
-                assert piece.shard and (piece.offset, piece.local.numel(), piece.full_numel) == (offset, count, numel)
                 assert p.ds_persist == (numel <= threshold), name
+                if p.ds_persist:
+                    # The placement gathers persistent parameters before it hands out pieces, so
+                    # their piece keeps one geometry (the whole tensor) through every pass.
+                    assert not piece.shard and (piece.offset, piece.local.numel(), piece.full_numel) == (0, numel, numel)
+                else:
+                    assert piece.shard and (piece.offset, piece.local.numel(), piece.full_numel) == (offset, count, numel)
                 stored += p.ds_tensor.ds_numel * counts[tensor_shape]
             # DeepSpeed's partitions of the whole model are the planner's per-rank figure.
             assert stored == plan.local_numel(shape, "zero3", world)

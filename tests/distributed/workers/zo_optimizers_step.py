@@ -47,7 +47,7 @@ def main() -> None:
                                 micro_batch=4 // state.world_size)
     # The start, put back before each optimizer through the layout-invariant checkpoint format
     # (an export can change which pieces a rank holds whole).
-    save_checkpoint(placement, out / "start", {})
+    save_checkpoint(placement, out / "start", {"step": 0, "skipped_steps": 0})
     ids = torch.randint(4, 90, (4, 16), generator=torch.Generator().manual_seed(0))
     rows_per_rank = 4 // state.world_size
     mine = ids[state.rank * rows_per_rank : (state.rank + 1) * rows_per_rank]
