@@ -102,6 +102,19 @@ def test_trainer_resume_equals_uninterrupted_run(runs):
         assert torch.equal(w_full[k], w_res[k]), f"{k} differs by {(w_full[k] - w_res[k]).abs().max().item()}"
 
 
+def test_accumulation_sums_micro_batches_under_one_perturbation(runs):
+    """gradient_accumulation_steps=2 with micro-batches of 2: the step's loss is the global
+    batch's, so the run reaches the parameters of micro-batches of 4 (other forward shapes:
+    equal within fp32 rounding, not bit for bit)."""
+    out = trainer_run(runs["model"], runs["texts"], runs["tmp"] / "accumulated", "--accumulation", "2")
+    for a, b in zip(trajectory(runs["hf"]), trajectory(out)):
+        assert (a["seed"], a["lr"]) == (b["seed"], b["lr"])
+        assert b["projected_grad"] == pytest.approx(a["projected_grad"], rel=1e-4, abs=1e-6), (a, b)
+    w_one, w_acc = weights(runs["hf"] / "final"), weights(out / "final")
+    worst = max((w_one[k] - w_acc[k]).abs().max().item() for k in w_one)
+    assert worst <= 1e-5, f"final parameters differ by {worst}"
+
+
 @pytest.mark.parametrize("launcher,placement", [("accelerate-zero3", "zero3"), ("torchrun", "single")])
 def test_two_ranks_equal_one_process(launcher, placement, runs, tmp_path):
     """The Trainer's DeepSpeed path under accelerate launch: a forward-only ZeRO-3 engine built
