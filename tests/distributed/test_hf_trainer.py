@@ -52,6 +52,14 @@ def script_args(model: Path, texts: Path, out: Path, *extra: str) -> list[str]:
             "--global_batch", str(GLOBAL_BATCH), "--max_length", str(MAX_LENGTH), "--seed", str(SEED), *extra]
 
 
+def train_argv(model: Path, texts: Path, out: Path) -> list[str]:
+    """launch/train.py with the Trainer script's settings."""
+    return ["--model_name_or_path", str(model), "--train_file", str(texts), "--output_dir", str(out),
+            "--backend", "single", "--per_device_train_batch_size", str(GLOBAL_BATCH), "--max_steps", str(STEPS),
+            "--max_length", str(MAX_LENGTH), "--learning_rate", "1e-3", "--zo_eps", "1e-3", "--weight_decay", "0.1",
+            "--lr_scheduler_type", "linear", "--seed", str(SEED), "--disable_tqdm", "--report_to", "none"]
+
+
 def trainer_run(model: Path, texts: Path, out: Path, *extra: str) -> Path:
     hf_trainer.main(script_args(model, texts, out, *extra))
     return out
@@ -62,12 +70,7 @@ def runs(tiny_models, long_texts, tmp_path_factory):
     """launch/train.py's run and the Trainer's, uninterrupted, on the same batches."""
     model, tmp = tiny_models["opt"], tmp_path_factory.mktemp("hf_runs")
     ref = tmp / "train_py"
-    assert train_main([
-        "--model_name_or_path", str(model), "--train_file", str(long_texts), "--output_dir", str(ref),
-        "--backend", "single", "--per_device_train_batch_size", str(GLOBAL_BATCH), "--max_steps", str(STEPS),
-        "--max_length", str(MAX_LENGTH), "--learning_rate", "1e-3", "--zo_eps", "1e-3", "--weight_decay", "0.1",
-        "--lr_scheduler_type", "linear", "--seed", str(SEED), "--disable_tqdm", "--report_to", "none",
-    ]) == 0
+    assert train_main(train_argv(model, long_texts, ref)) == 0
     hf = trainer_run(model, long_texts, tmp / "trainer")
     return {"model": model, "texts": long_texts, "ref": ref, "hf": hf, "tmp": tmp}
 
@@ -88,6 +91,18 @@ def test_trainer_reaches_launch_train_parameters(runs):
     assert placed["placement"] == "single" and placed["world_size"] == 1
     # Trainer's own log: one loss per step (logging_steps=1), the step's mean of L+ and L-.
     assert [round(h["loss"], 4) for h in placed["log"]] == [round(r["loss"], 4) for r in ref]
+
+
+@pytest.mark.parametrize("name", ["fzoo", "sparse"])
+def test_trainer_runs_the_projects_other_optimizers_as_launch_train(name, runs):
+    """zo_optimizer takes mezo_dist.zo.optimizers by name, with launch/train.py's defaults (fzoo:
+    8 rademacher directions; sparse: 75% of each parameter frozen): the same rows and weights."""
+    ref = runs["tmp"] / f"train_py_{name}"
+    assert train_main(train_argv(runs["model"], runs["texts"], ref) + ["--zo_optimizer", name]) == 0
+    hf = trainer_run(runs["model"], runs["texts"], runs["tmp"] / f"trainer_{name}", "--zo_optimizer", name)
+    assert trajectory(ref) == trajectory(hf)
+    w_ref, w_hf = weights(ref / "final"), weights(hf / "final")
+    assert all(torch.equal(w_ref[k], w_hf[k]) for k in w_ref)
 
 
 def test_trainer_resume_equals_uninterrupted_run(runs):

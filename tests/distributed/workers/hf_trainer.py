@@ -34,6 +34,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--resume", default=None)
     p.add_argument("--ds_config", default=None)
     p.add_argument("--fsdp", action="store_true")
+    p.add_argument("--zo_optimizer", default="mezo")
     return p.parse_args(argv)
 
 
@@ -74,7 +75,7 @@ def main(argv: list[str] | None = None) -> None:
     args = MeZOTrainingArguments(
         output_dir=a.output_dir, max_steps=a.steps, per_device_train_batch_size=micro,
         gradient_accumulation_steps=a.accumulation, learning_rate=1e-3, weight_decay=0.1, lr_scheduler_type="linear",
-        zo_eps=1e-3, seed=a.seed, train_sampling_strategy="sequential", logging_steps=1,
+        zo_eps=1e-3, zo_optimizer=a.zo_optimizer, seed=a.seed, train_sampling_strategy="sequential", logging_steps=1,
         save_steps=a.save_steps or 10**9,
         save_strategy="steps" if a.save_steps else "no", report_to="none", disable_tqdm=True, deepspeed=a.ds_config,
         ddp_backend="gloo" if world > 1 else None, accelerator_config=accelerator_config,
