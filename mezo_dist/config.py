@@ -224,7 +224,11 @@ class RunArguments:
     check_replicas_steps: int = field(
         default=100, metadata={"help": "With the single backend on several ranks, compare parameter checksums every N steps (0: never)."}
     )
-    report_to: str = field(default="tensorboard", metadata={"help": "Trackers: tensorboard or none."})
+    report_to: str = field(
+        default="tensorboard",
+        metadata={"help": "Trackers, comma-separated (accelerate's: tensorboard, wandb, mlflow, comet_ml, aim, clearml, "
+                  "dvclive, swanlab, trackio, where installed), all (every installed one) or none."},
+    )
     disable_tqdm: bool = field(default=False, metadata={"help": "No progress bar."})
     local_rank: int = field(default=-1, metadata={"help": "Set by the deepspeed launcher; the environment is what counts."})
     hsdp_replicas: int = field(
@@ -307,10 +311,12 @@ def validate(cfg: TrainConfig) -> None:
     for flag, value, allowed in (
         ("torch_dtype", cfg.model.torch_dtype, ("float32", "bfloat16", "float16")),
         ("lr_scheduler_type", zo.lr_scheduler_type, SCHEDULES),
-        ("report_to", run.report_to, ("tensorboard", "none")),
     ):
         if value not in allowed:
             raise ConfigError(f"unknown --{flag} {value!r}; choose one of {', '.join(allowed)}")
+    from mezo_dist.metrics import tracker_names
+
+    tracker_names(run.report_to)
     _positive("zo_eps", zo.zo_eps)
     _positive("learning_rate", zo.learning_rate, strict=False)
     _positive("weight_decay", zo.weight_decay, strict=False)

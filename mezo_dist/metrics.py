@@ -1,4 +1,8 @@
-"""What a run reports: the trajectory (one JSON line per step), TensorBoard, a progress bar.
+"""What a run reports: the trajectory (one JSON line per step), trackers, a progress bar.
+
+Trackers are accelerate's (``accelerate.tracking``): ``tensorboard`` (the default, under
+``<output_dir>/tensorboard/``), ``wandb``, ``mlflow``, ``comet_ml``, ``aim``, ``clearml``, ``dvclive``,
+``swanlab``, ``trackio``, each where its package is installed.
 
 Everything here writes on rank 0 only; other ranks hold a logger that does nothing but take part
 in the collective that gathers per-rank peak memory.
@@ -20,6 +24,9 @@ from mezo_dist.distributed import DistState
 from mezo_dist.errors import ConfigError
 from mezo_dist.io import atomic_write_text  # noqa: F401  (also imported from here by the benchmarks)
 from mezo_dist.io import json_lines
+
+# The project name of trackers that log to a service (wandb, comet_ml, ...) rather than a folder.
+PROJECT = "mezo_dist"
 
 
 def peak_memory_bytes(device: torch.device) -> int:
@@ -59,24 +66,68 @@ def gather_peak_memory(state: DistState) -> list[int]:
     return [int(x) for x in out]
 
 
+def tracker_names(report_to: str) -> list[str]:
+    """``--report_to`` as tracker names: ``none``, ``all`` (every installed tracker) or names of
+    accelerate's trackers, comma-separated. An unknown or uninstalled one is a ConfigError."""
+    from accelerate.tracking import LOGGER_TYPE_TO_CLASS, get_available_trackers
+    from accelerate.utils import LoggerType
+
+    names = list(dict.fromkeys(n.strip() for n in str(report_to).split(",") if n.strip()))
+    if names == ["none"]:
+        return []
+    # Trackers registered with accelerate.tracking.register_tracker_class count as installed.
+    installed = [str(t) for t in get_available_trackers()]
+    installed += [n for n in LOGGER_TYPE_TO_CLASS if n not in LoggerType.list()]
+    if names == ["all"]:
+        return installed
+    for name in names:
+        if name not in LOGGER_TYPE_TO_CLASS:
+            raise ConfigError(f"unknown --report_to {name!r}; choose none, all or any of "
+                              f"{', '.join(LOGGER_TYPE_TO_CLASS)}")
+        if name not in installed:
+            raise ConfigError(f"--report_to {name}: the {name} package is not installed")
+    return names
+
+
+def open_trackers(names: list[str], output_dir: Path) -> list[Any]:
+    """Start accelerate's trackers ``names``: those that write files under ``<output_dir>/<name>/``,
+    the others under the project name ``mezo_dist``. Called on rank 0 only."""
+    from accelerate.tracking import LOGGER_TYPE_TO_CLASS
+
+    out = []
+    if names:
+        from accelerate import PartialState
+
+        # accelerate's trackers log through its process-aware logger, which needs its state; the
+        # process group is already up, so this only reads it.
+        PartialState()
+    for name in names:
+        cls = LOGGER_TYPE_TO_CLASS[name]
+        tracker = cls(name, str(output_dir)) if cls.requires_logging_directory else cls(PROJECT)
+        # Only rank 0 holds trackers, so the rank test of accelerate's decorator (which would
+        # start accelerate's own process state) is not needed.
+        tracker.main_process_only = False
+        tracker.start()
+        out.append(tracker)
+    return out
+
+
 class RunLogger:
     def __init__(
-        self, state: DistState, output_dir: str, *, max_steps: int, tensorboard: bool, progress: bool, start_step: int = 0
+        self, state: DistState, output_dir: str, *, max_steps: int, report_to: str = "tensorboard", progress: bool,
+        start_step: int = 0,
     ) -> None:
         self.state = state
         self.main = state.is_main
         self.out = Path(output_dir)
         self._traj = None
-        self._tb = None
+        self._trackers: list[Any] = []
         self._bar = None
         if not self.main:
             return
         self.out.mkdir(parents=True, exist_ok=True)
         self._traj = self._open_trajectory(start_step)
-        if tensorboard:
-            from torch.utils.tensorboard import SummaryWriter  # imported only when enabled
-
-            self._tb = SummaryWriter(log_dir=str(self.out / "tensorboard"))
+        self._trackers = open_trackers(tracker_names(report_to), self.out)
         if progress:
             from tqdm.auto import tqdm
 
@@ -95,9 +146,8 @@ class RunLogger:
             self._traj.flush()
 
     def scalars(self, step: int, values: dict[str, float]) -> None:
-        if self._tb is not None:
-            for k, v in values.items():
-                self._tb.add_scalar(k, v, step)
+        for tracker in self._trackers:
+            tracker.log(values, step=step)
 
     def progress(self, postfix: dict[str, float]) -> None:
         if self._bar is not None:
@@ -119,8 +169,9 @@ class RunLogger:
     def close(self) -> None:
         if self._bar is not None:
             self._bar.close()
-        if self._tb is not None:
-            self._tb.close()
+        for tracker in self._trackers:
+            tracker.finish()
+        self._trackers = []
         if self._traj is not None:
             self._traj.close()
 

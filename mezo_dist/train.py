@@ -199,7 +199,7 @@ def train(cfg: TrainConfig, state: DistState) -> dict[str, Any]:
             print(f"resumed from {run.resume_from_checkpoint} at step {start}", flush=True)
     zo.step_index = start
     steps = 0 if cfg.task.eval_only else run.max_steps
-    logger = RunLogger(state, run.output_dir, max_steps=steps, tensorboard=run.report_to == "tensorboard",
+    logger = RunLogger(state, run.output_dir, max_steps=steps, report_to=run.report_to,
                        progress=not run.disable_tqdm, start_step=start)
     evaluator = Evaluator(cfg, placement, tokenizer, sets, logger)
     if start and best:

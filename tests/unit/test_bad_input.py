@@ -122,6 +122,16 @@ TASK_ROWS = {
 }
 
 
+def _missing_tracker() -> str | None:
+    """One of accelerate's trackers whose package this install lacks (None: all installed)."""
+    from accelerate.tracking import LOGGER_TYPE_TO_CLASS, get_available_trackers
+
+    installed = {str(t) for t in get_available_trackers()}
+    return next((name for name in LOGGER_TYPE_TO_CLASS if name not in installed), None)
+
+
+_MISSING = _missing_tracker()
+
 CASES = [
     ("unknown backend", ["--backend", "tp"], r"unknown backend 'tp'"),
     ("ds_config missing", ["--ds_config", "{tmp}/none.json"], r"ds_config .*none.json does not exist"),
@@ -180,6 +190,10 @@ CASES = [
     ("zo history zero", ["--zo_history", "0"], r"--zo_history must be >= 1, got 0"),
     ("zo adam eps zero", ["--zo_adam_eps", "0"], r"--zo_adam_eps must be > 0"),
     ("unknown precision", ["--precision", "fp8"], r"unknown --precision 'fp8'"),
+    ("unknown tracker", ["--report_to", "tensorboard,nonesuch"],
+     r"unknown --report_to 'nonesuch'; choose none, all or any of .*tensorboard"),
+    *([("tracker not installed", ["--report_to", f"tensorboard,{_MISSING}"],
+        rf"--report_to {_MISSING}: the {_MISSING} package is not installed")] if _MISSING else []),
     ("precision contradicts dtype", ["--torch_dtype", "bfloat16", "--precision", "fp16"],
      r"--precision fp16 contradicts --torch_dtype bfloat16"),
     ("fp32 compute of bf16 values", ["--torch_dtype", "float16", "--precision", "fp32"],

@@ -53,3 +53,16 @@ def test_fsdp_runs_as_one_process_too(tiny_models, text_file, tmp_path):
             "--max_length", "16", "--disable_tqdm", "--report_to", "none"]
     assert main(argv) == 0
     assert (out / "final" / "config.json").exists()
+
+
+def test_report_to_names_accelerates_trackers():
+    """--report_to is read against accelerate's tracker registry: none, all (the installed
+    ones), or names, comma-separated and deduplicated; tensorboard writes under the run folder."""
+    from accelerate.tracking import get_available_trackers
+
+    from mezo_dist.metrics import tracker_names
+
+    assert tracker_names("none") == []
+    assert tracker_names("tensorboard, tensorboard") == ["tensorboard"]
+    assert tracker_names("all") == [str(t) for t in get_available_trackers()]
+    assert "tensorboard" in tracker_names("all")

@@ -37,6 +37,13 @@ def test_api_example_runs(capsys):
     assert [line.split()[0] for line in printed[-3:]] == ["0", "1", "2"]
 
 
+def test_trainer_example_runs(capsys):
+    (block,) = [b for h, b in code_blocks() if h == "With a Hugging Face Trainer"]
+    exec(compile(block, "README-trainer-example", "exec"), {})
+    losses = eval(capsys.readouterr().out.strip().splitlines()[-1])
+    assert len(losses) == 3 and all(loss > 0 for loss in losses)
+
+
 def test_every_train_flag_in_the_readme_exists():
     from transformers import HfArgumentParser
 
