@@ -17,14 +17,18 @@ The model of memory is deliberately simple, a sum of named terms per rank (bytes
   norm, tied head) plus two transformer blocks (the one running and the one prefetched).
 * activations: MeZO runs inference, so nothing is kept between layers for a backward; the peak is
   the working set of one layer and the logits (the forwards pass ``use_cache=False``, so no key/value
-  cache is built). Backprop keeps every layer's activations for the backward pass:
+  cache is built). The logits are counted at every position, as a language-model loss on text
+  reads them; a classification or multiple-choice forward computes them only where a candidate
+  is read (``logits.py``), so for those tasks this term is an upper bound. Backprop keeps every layer's activations for the backward pass:
   ``s*b*h*(34 + 5*a*s/h)`` bytes per layer in 16-bit (Korthikanti et al. 2022, "Reducing
   Activation Recomputation in Large Transformer Models", no recomputation), twice that in fp32.
 * optimizer: AdamW in mixed precision keeps an fp32 master copy and two fp32 moments per
   trainable parameter, 12 bytes; with the 16-bit weights and gradients that is the usual 16 bytes
   per parameter (Rajbhandari et al. 2020, ZeRO). In fp32: the two moments, 8 bytes. MeZO: none.
-* gradients: backprop, one per trainable parameter in the training dtype. MeZO: none; it holds
-  one 4 MiB block of noise instead (``mezo_dist.zo.noise.BLOCK`` fp32 elements).
+* gradients: backprop, one per trainable parameter in the training dtype. MeZO: none. The
+  default compiled pass draws z in its kernel and holds no noise buffer; the ``blocks`` path, a
+  masked (Sparse MeZO) pass and fp32-master pieces hold one 4 MiB block of z
+  (``mezo_dist.zo.noise.BLOCK`` fp32 elements), which is what the estimate counts: an upper bound.
 * host memory outside the step (a second table): what start-up, the final export and a training
   checkpoint hold in host memory per rank, with today's code and as the target once start-up and
   export read and write per-rank slices (see :func:`host_io`).
