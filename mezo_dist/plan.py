@@ -26,8 +26,8 @@ The model of memory is deliberately simple, a sum of named terms per rank (bytes
   trainable parameter, 12 bytes; with the 16-bit weights and gradients that is the usual 16 bytes
   per parameter (Rajbhandari et al. 2020, ZeRO). In fp32: the two moments, 8 bytes. MeZO: none.
 * gradients: backprop, one per trainable parameter in the training dtype. MeZO: none. The
-  default compiled pass draws z in its kernel and holds no noise buffer; the ``blocks`` path, a
-  masked (Sparse MeZO) pass and fp32-master pieces hold one 4 MiB block of z
+  default compiled pass draws z in its kernel and holds no noise buffer; the ``blocks`` path and
+  a masked (Sparse MeZO) pass hold one 4 MiB block of z
   (``mezo_dist.zo.noise.BLOCK`` fp32 elements), which is what the estimate counts: an upper bound.
 * host memory outside the step (a second table): what start-up, the final export and a training
   checkpoint hold in host memory per rank, with today's code and as the target once start-up and
