@@ -564,7 +564,8 @@ def resume_fields(cfg: TrainConfig) -> dict[str, Any]:
     from mezo_dist.distributed import env_world
 
     fields = {
-        "seed": cfg.run.seed, "zo_eps": cfg.zo.zo_eps, "weight_decay": cfg.zo.weight_decay,
+        "seed": cfg.run.seed,  # the run seed (a trajectory row's "seed" is its step seed)
+        "zo_eps": cfg.zo.zo_eps, "weight_decay": cfg.zo.weight_decay,
         "learning_rate": cfg.zo.learning_rate, "lr_scheduler_type": cfg.zo.lr_scheduler_type,
         "warmup_steps": cfg.zo.warmup_steps, "max_length": cfg.data.max_length,
         "global_batch": cfg.run.per_device_train_batch_size * env_world()[1] * cfg.run.gradient_accumulation_steps,
