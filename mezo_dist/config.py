@@ -6,6 +6,7 @@ with one line that names the problem.
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import os
@@ -106,7 +107,7 @@ class TaskArguments:
 
 
 # The embedded default (no --task_name, no --train_file): chosen so that a 2-core CPU shows a
-# real gain in about ten minutes. Applied only to flags left at their defaults.
+# real gain in about ten minutes. Applied only to flags the command line did not type.
 DEMO_DEFAULTS = {
     "task": {"task_name": "Polarity", "num_train": 1000, "num_dev": 100, "num_eval": 200,
              "train_as_classification": True, "eval_steps": 50, "eval_batch_size": 16},
@@ -255,27 +256,62 @@ FILLED_OPTIMIZER_PARAMS = ("lr", "betas", "eps", "weight_decay", "momentum")
 ARG_GROUPS = (ModelArguments, DataArguments, TaskArguments, ZOArguments, BackpropArguments, RunArguments)
 
 
+def _one_line(message: str) -> None:  # argparse would print the whole usage first
+    raise ConfigError(message)
+
+
 def parse_into(types: tuple[type, ...], argv: list[str] | None) -> tuple[Any, ...]:
     """Parse ``argv`` into the dataclasses ``types``; any argparse complaint is one ConfigError."""
+    return parse_given(types, argv)[0]
+
+
+def parse_given(types: tuple[type, ...], argv: list[str] | None) -> tuple[tuple[Any, ...], frozenset[str]]:
+    """:func:`parse_into`, and the names of the fields whose flags ``argv`` typed.
+
+    Args:
+        types: the dataclasses to fill, in order.
+        argv: the command line (None: ``sys.argv[1:]``).
+    """
     from transformers import HfArgumentParser
 
     parser = HfArgumentParser(types, allow_abbrev=False)
-
-    def one_line(message: str) -> None:  # argparse would print the whole usage first
-        raise ConfigError(message)
-
-    parser.error = one_line  # type: ignore[method-assign]
+    parser.error = _one_line  # type: ignore[method-assign]
     *parsed, rest = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
     if rest:
         raise ConfigError(f"unrecognized arguments: {' '.join(rest)}")
-    return tuple(parsed)
+    return tuple(parsed), _typed_fields(types, argv)
+
+
+def _typed_fields(types: tuple[type, ...], argv: list[str] | None) -> frozenset[str]:
+    """The fields whose flags ``argv`` typed, whatever their values: the same parse again (args
+    file included) with every default suppressed, so that the namespace holds only what the
+    command line set."""
+    from transformers import HfArgumentParser
+
+    class Probe(HfArgumentParser):
+        typed: frozenset[str] = frozenset()
+
+        def parse_known_args(self, args=None, namespace=None):  # type: ignore[override]
+            namespace, rest = super().parse_known_args(args, namespace)
+            self.typed = frozenset(vars(namespace))
+            for action in self._actions:  # the dataclasses built from it are discarded
+                if not hasattr(namespace, action.dest):
+                    setattr(namespace, action.dest, None)
+            return namespace, rest
+
+    probe = Probe(types, allow_abbrev=False)
+    probe.error = _one_line  # type: ignore[method-assign]
+    for action in probe._actions:
+        action.default = argparse.SUPPRESS
+    probe.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
+    return probe.typed
 
 
 def parse_args(argv: list[str] | None = None) -> TrainConfig:
-    model, data, task, zo, bp, run = parse_into(ARG_GROUPS, argv)
+    (model, data, task, zo, bp, run), given = parse_given(ARG_GROUPS, argv)
     cfg = TrainConfig(model=model, data=data, task=task, zo=zo, run=run, bp=bp)
     resolve_backend(cfg)
-    validate(cfg)
+    validate(cfg, given=given)
     return cfg
 
 
@@ -303,7 +339,9 @@ def _positive(name: str, value: float, *, strict: bool = True) -> None:
         raise ConfigError(f"--{name} must be {'> 0' if strict else '>= 0'}, got {value}")
 
 
-def validate(cfg: TrainConfig) -> None:
+def validate(cfg: TrainConfig, *, given: frozenset[str]) -> None:
+    """Check the flags, filling the defaults that depend on others (``given``: the fields whose
+    flags the command line typed, which the demo's defaults leave alone)."""
     run, zo = cfg.run, cfg.zo
     validate_zo_optimizer(cfg)
     if run.backend not in BACKENDS:
@@ -356,7 +394,7 @@ def validate(cfg: TrainConfig) -> None:
     validate_magnitudes(cfg)
     if cfg.task.non_diff and cfg.data.train_file is not None and cfg.task.task_name is None:
         raise ConfigError("--non_diff optimises a task's metric; --train_file trains on the text loss (pass --task_name)")
-    resolve_defaults(cfg)
+    resolve_defaults(cfg, given)
     validate_task(cfg)
     from mezo_dist import preflight
 
@@ -532,7 +570,8 @@ def resume_fields(cfg: TrainConfig) -> dict[str, Any]:
     from mezo_dist.distributed import env_world
 
     fields = {
-        "seed": cfg.run.seed, "zo_eps": cfg.zo.zo_eps, "weight_decay": cfg.zo.weight_decay,
+        "seed": cfg.run.seed,  # the run seed (a trajectory row's "seed" is its step seed)
+        "zo_eps": cfg.zo.zo_eps, "weight_decay": cfg.zo.weight_decay,
         "learning_rate": cfg.zo.learning_rate, "lr_scheduler_type": cfg.zo.lr_scheduler_type,
         "warmup_steps": cfg.zo.warmup_steps, "max_length": cfg.data.max_length,
         "global_batch": cfg.run.per_device_train_batch_size * env_world()[1] * cfg.run.gradient_accumulation_steps,
@@ -563,21 +602,18 @@ def resume_fields(cfg: TrainConfig) -> dict[str, Any]:
     return fields
 
 
-def resolve_defaults(cfg: TrainConfig) -> None:
-    """Point the embedded defaults at their cached copies, preparing them on first use."""
-    from dataclasses import fields as dc_fields
-
+def resolve_defaults(cfg: TrainConfig, given: frozenset[str]) -> None:
+    """Point the embedded defaults at their cached copies, preparing them on first use; in demo
+    mode, the demo's values for the flags the command line did not type (``given``)."""
     from mezo_dist import assets
 
     if cfg.model.model_name_or_path == assets.DEFAULT_MODEL:
         cfg.model.model_name_or_path = str(assets.default_model_dir())
     if cfg.task.task_name is None and cfg.data.train_file is None:
         for group, values in DEMO_DEFAULTS.items():
-            obj = getattr(cfg, group)
-            defaults = {f.name: f.default for f in dc_fields(obj)}
             for key, value in values.items():
-                if getattr(obj, key) == defaults[key]:
-                    setattr(obj, key, value)
+                if key not in given:
+                    setattr(getattr(cfg, group), key, value)
     if cfg.task.task_name is not None and cfg.task.task_name.lower() == "polarity" and cfg.task.data_dir is None:
         cfg.task.data_dir = str(assets.default_data_dir())
 

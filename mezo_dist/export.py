@@ -37,11 +37,25 @@ def save_pretrained(placement: Placement, tokenizer, path: str | Path) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = fresh_folder_beside(path, f"tmp-{os.getpid()}")
+    _share_tied(placement.module, state_dict)
     if not _save_prompt_learning(placement.module, state_dict, tmp):
         placement.module.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
     if tokenizer is not None:
         tokenizer.save_pretrained(tmp)
     publish_folder(tmp, path)
+
+
+def _share_tied(module, state_dict: dict) -> None:
+    """Point every name of a tied parameter (Llama's embeddings and LM head) at one tensor again.
+
+    Gathering copies each name apart, and ``save_pretrained`` finds ties by shared storage: given
+    the copies, it would write both names where the model's own save writes the one it reloads
+    from."""
+    first: dict[int, str] = {}
+    for name, p in module.named_parameters(remove_duplicate=False):
+        kept = first.setdefault(id(p), name)
+        if kept != name and kept in state_dict and name in state_dict:
+            state_dict[name] = state_dict[kept]
 
 
 def _save_prompt_learning(module, state_dict: dict, folder: Path) -> bool:

@@ -173,6 +173,27 @@ def empty_model(name_or_path: str, *, dtype: torch.dtype, trust_remote_code: boo
     return model
 
 
+def keep_checkpoint_names(loaded: nn.Module, target: nn.Module) -> None:
+    """Have ``target`` save its weights under the names ``loaded`` was read from.
+
+    transformers renames some checkpoint keys on load (GPT-NeoX's ``embed_out`` becomes
+    ``lm_head``) and reverts the renamings it used when saving: ``from_pretrained`` keeps them on
+    the model it made. A model built from its config looks them up by its class name instead,
+    which FSDP2's ``fully_shard`` replaces (``FSDPGPTNeoXForCausalLM``), so without this it would
+    save the in-memory names.
+
+    Args:
+        loaded: a model from ``from_pretrained`` (or peft's wrapper of one).
+        target: the same architecture built otherwise (on meta, then sharded).
+    """
+    def hf(m: nn.Module) -> nn.Module:
+        return m.get_base_model() if hasattr(m, "get_base_model") else m
+
+    conversions = getattr(hf(loaded), "_weight_conversions", None)
+    if conversions is not None:
+        hf(target)._weight_conversions = conversions
+
+
 def apply_peft(model: nn.Module, args) -> nn.Module:
     """Wrap ``model`` with LoRA adapters (``args.lora``) or a trainable prefix
     (``args.prefix_tuning``) through peft; the base weights are frozen.

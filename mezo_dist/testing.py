@@ -36,7 +36,7 @@ def char_tokenizer(*, masked: bool = False):
 
 
 def tiny_config(arch: str, *, vocab_size: int, hidden: int = 38, layers: int = 2, ffn: int = 53):
-    from transformers import LlamaConfig, OPTConfig, RobertaConfig
+    from transformers import GPTNeoXConfig, LlamaConfig, OPTConfig, RobertaConfig
 
     if arch == "opt":
         return OPTConfig(
@@ -57,6 +57,13 @@ def tiny_config(arch: str, *, vocab_size: int, hidden: int = 38, layers: int = 2
             vocab_size=vocab_size, hidden_size=hidden, num_hidden_layers=layers, intermediate_size=ffn,
             num_attention_heads=2, max_position_embeddings=256 + 2, pad_token_id=0, bos_token_id=2,
             eos_token_id=3, type_vocab_size=1,
+        )
+    if arch == "gpt_neox":
+        # Its output layer is embed_out in checkpoints and lm_head in memory (transformers renames
+        # it on load and back on save): exports must keep the checkpoint's name.
+        return GPTNeoXConfig(
+            vocab_size=vocab_size, hidden_size=32, intermediate_size=ffn, num_hidden_layers=layers,
+            num_attention_heads=2, max_position_embeddings=256, pad_token_id=0, bos_token_id=2, eos_token_id=3,
         )
     raise ValueError(f"unknown tiny architecture {arch!r}")
 

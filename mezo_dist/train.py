@@ -6,7 +6,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from mezo_dist import faults
+from mezo_dist import faults, trajectory
 from mezo_dist.checkpoint import load_checkpoint, rotate_checkpoints, save_checkpoint
 from mezo_dist.config import (
     TEXT_MAX_LENGTH, BackpropArguments, ModelArguments, TrainConfig, read_ds_config, resume_fields,
@@ -21,7 +21,7 @@ from mezo_dist.replicas import check_replicas
 from mezo_dist.schedule import lr_schedule
 from mezo_dist.tasks.base import Sample
 from mezo_dist.zo import optimizers
-from mezo_dist.zo.step import MeZO, StepResult
+from mezo_dist.zo.step import MeZO
 
 
 def build_placement(
@@ -129,24 +129,6 @@ def build_objective(cfg: TrainConfig, state: DistState, tokenizer):
     return objective, EvalSets(dev=dev, eval=evals, max_length=max_length)
 
 
-def trajectory_row(res: StepResult, zo: MeZO, precision: str | None = None) -> dict[str, Any]:
-    # eps and wd ride along so that the file alone can replay the run.
-    row = {"step": res.step, "seed": res.seed, "projected_grad": res.projected_grad, "loss": res.loss,
-           "lr": res.lr, "eps": zo.eps, "wd": zo.weight_decay}
-    # How z was drawn rides along too: replay refuses a stream it cannot draw.
-    row["perturbation"] = zo.perturbation
-    if zo.noise_stream != "blocks":
-        row["noise"] = zo.noise_stream
-    if precision is not None:  # fp32 values under bf16/fp16 forwards (a zero3 replay rebuilds the same)
-        row["precision"] = precision
-    if len(res.directions) > 1:
-        row["directions"] = [[seed, g] for seed, g in res.directions]
-    if res.skipped:
-        row["skipped"] = True
-    row.update(optimizers.row_fields(zo, res))  # the optimizer's name, hyper-parameters, scalars; none for mezo
-    return row
-
-
 class Evaluator:
     """Scores the eval sets on the placed model (collective) and remembers the best dev step."""
 
@@ -247,7 +229,7 @@ def _loop(cfg, state, placement, zo, objective, evaluator, logger, start, skippe
             closure, units = objective.closure(placement, step)
             res = zo.step(closure)
             dt = time.perf_counter() - t0
-            logger.trajectory(trajectory_row(res, zo, cfg.zo.precision if compute_dtype(cfg) is not None else None))
+            logger.trajectory(trajectory.zo_row(res, zo, cfg.zo.precision if compute_dtype(cfg) is not None else None))
             logger.scalars(step, {"train/loss": res.loss, "train/projected_grad": res.projected_grad,
                                   "train/lr": res.lr, "perf/step_time_s": dt, f"perf/{objective.unit}_per_s": units / dt})
             logger.progress({"loss": res.loss, "g": res.projected_grad})
@@ -255,8 +237,7 @@ def _loop(cfg, state, placement, zo, objective, evaluator, logger, start, skippe
             micro, units = objective.micro_batches(placement, step)
             res = zo.step(micro)
             dt = time.perf_counter() - t0
-            logger.trajectory({"step": res.step, "loss": res.loss, "lr": res.lr, "grad_norm": res.grad_norm,
-                               "trainer": "regular"})
+            logger.trajectory(trajectory.backprop_row(res))
             logger.scalars(step, {"train/loss": res.loss, "train/grad_norm": res.grad_norm, "train/lr": res.lr,
                                   "perf/step_time_s": dt, f"perf/{objective.unit}_per_s": units / dt})
             logger.progress({"loss": res.loss})

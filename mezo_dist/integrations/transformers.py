@@ -226,9 +226,9 @@ class MeZOTrainer(Trainer):
         else:
             self._g_sum, self._g_count = self._g_sum + res.projected_grad, self._g_count + 1
         if self._trajectory is not None:
-            from mezo_dist.train import trajectory_row
+            from mezo_dist.trajectory import zo_row
 
-            self._trajectory.trajectory(trajectory_row(res, self._zo))
+            self._trajectory.trajectory(zo_row(res, self._zo))
         return res
 
     def _start(self, model) -> None:

@@ -144,7 +144,7 @@ def build_fsdp(
     ``compute_dtype`` (bf16/fp16 with fp32 ``dtype``): FSDP2 gathers the fp32 shards into
     bf16/fp16 parameters for each forward (``MixedPrecisionPolicy``); the shards MeZO edits stay
     fp32."""
-    from mezo_dist.models import apply_lora, empty_model, load_pretrained
+    from mezo_dist.models import apply_lora, empty_model, keep_checkpoint_names, load_pretrained
 
     model = apply_lora(empty_model(name_or_path, dtype=dtype, trust_remote_code=trust_remote_code), lora)
     buffers = {name: b.detach().clone() for name, b in model.named_buffers()}
@@ -157,8 +157,11 @@ def build_fsdp(
         for name, b in model.named_buffers():
             b.copy_(buffers[name])
     full_sd = None
-    if state.is_main:
-        full_sd = apply_lora(load_pretrained(name_or_path, dtype=dtype, trust_remote_code=trust_remote_code), lora).state_dict()
+    if state.is_main:  # the rank that reads the checkpoint, and the one that exports
+        loaded = apply_lora(load_pretrained(name_or_path, dtype=dtype, trust_remote_code=trust_remote_code), lora)
+        keep_checkpoint_names(loaded, model)
+        full_sd = loaded.state_dict()
+        del loaded
     load_full_state_dict(model, full_sd)
     del full_sd
     placement = FSDPPlacement(model, state)

@@ -96,7 +96,7 @@ class AdaMeZO(MeZO):
         g = (loss_plus - loss_minus) / (2.0 * self.eps)
         skipped = not all(math.isfinite(v) for v in (loss_plus, loss_minus, g))
         self._finish(seed, g, lr, skipped)
-        return StepResult(step=step, seed=seed, projected_grad=g if not skipped else float("nan"),
+        return StepResult(step=step, step_seed=seed, projected_grad=g if not skipped else float("nan"),
                           loss=(loss_plus + loss_minus) / 2.0, loss_plus=loss_plus, loss_minus=loss_minus, lr=lr,
                           skipped=skipped, directions=((seed, g),))
 
@@ -137,12 +137,9 @@ class AdaMeZO(MeZO):
         self.placement.after_edit()
 
     @torch.no_grad()
-    def replay(self, seed: int, projected_grad: float, lr: float, *, skipped: bool = False,
+    def replay(self, step_seed: int, projected_grad: float, lr: float, *, skipped: bool = False,
                directions: list[tuple[int, float]] | None = None) -> None:
         """Apply a logged step without its forwards; the history grows from the rows as in training."""
-        self.perturb(seed, self.eps)
-        self.perturb(seed, -2.0 * self.eps)
-        self._finish(int(seed), float(projected_grad), float(lr), skipped)
-
-    def replay_row(self, row: dict[str, Any]) -> None:
-        self.replay(int(row["seed"]), float(row["projected_grad"]), float(row["lr"]), skipped=bool(row.get("skipped")))
+        self.perturb(step_seed, self.eps)
+        self.perturb(step_seed, -2.0 * self.eps)
+        self._finish(int(step_seed), float(projected_grad), float(lr), skipped)

@@ -39,6 +39,7 @@ from typing import Any
 
 import torch
 
+from mezo_dist import trajectory
 from mezo_dist.zo import passes
 from mezo_dist.zo.measure import reduce_losses
 from mezo_dist.zo.step import Closure, MeZO, StepResult, _split
@@ -103,7 +104,7 @@ class FZOO(MeZO):
         skipped = not all(math.isfinite(v) for v in [*losses, *grads, sigma])
         self._finish(seeds, grads, sigma, lr, skipped)
         return FZOOResult(
-            step=step, seed=seeds[0], projected_grad=sum(grads) / len(grads) if not skipped else float("nan"),
+            step=step, step_seed=seeds[0], projected_grad=sum(grads) / len(grads) if not skipped else float("nan"),
             loss=l0, loss_plus=sum(perturbed) / len(perturbed), loss_minus=l0, lr=lr, skipped=skipped,
             directions=tuple(zip(seeds, grads)), sigma=sigma,
         )
@@ -121,7 +122,7 @@ class FZOO(MeZO):
         self.step_index += 1
 
     @torch.no_grad()
-    def replay(self, seed: int, projected_grad: float, lr: float, *, skipped: bool = False,
+    def replay(self, step_seed: int, projected_grad: float, lr: float, *, skipped: bool = False,
                directions: list[tuple[int, float]] | None = None, sigma: float = float("nan")) -> None:
         """Apply a logged step without its forwards: the passes of :meth:`step`, in its order."""
         if not directions:
@@ -134,5 +135,5 @@ class FZOO(MeZO):
         self._finish(seeds, grads, float(sigma), float(lr), skipped)
 
     def replay_row(self, row: dict[str, Any]) -> None:
-        self.replay(int(row["seed"]), float(row["projected_grad"]), float(row["lr"]), skipped=bool(row.get("skipped")),
-                    directions=row["directions"], sigma=float(row["sigma"]))
+        # A skipped step may lack sigma (it applies no update).
+        self.replay(**trajectory.replay_args(row), sigma=float(row.get("sigma", float("nan"))))

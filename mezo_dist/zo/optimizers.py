@@ -1,11 +1,11 @@
 """The zeroth-order optimizers by name (``--zo_optimizer``), and what each writes to a trajectory row.
 
-Every optimizer has MeZO's public shape: ``step(closure) -> StepResult``, ``replay(...)`` of a
-logged step, ``step_index``, ``noise_stream``. Beyond MeZO's row (step, seed, projected_grad,
-loss, lr, eps, wd, perturbation, directions, skipped) a row of another optimizer holds its name
-(``"optimizer"``), its hyper-parameters (:meth:`hyper`) and its per-step scalars
-(:meth:`row_fields`): exactly what :meth:`replay_row` needs to rebuild the parameters bit for bit
-from the file alone. MeZO's rows are unchanged (no ``"optimizer"`` key means mezo).
+Every optimizer has MeZO's public shape: ``step(closure) -> StepResult``, ``replay(...)`` and
+``replay_row(row)`` of a logged step, ``step_index``, ``noise_stream``. Beyond MeZO's row, a row
+of another optimizer holds its name, its hyper-parameters (:meth:`hyper`) and its per-step
+scalars (:meth:`row_fields`): exactly what :meth:`replay_row` needs to rebuild the parameters bit
+for bit from the file alone. The row itself, and what an absent key means, is
+``mezo_dist/trajectory.py``.
 
 | name | module | forwards / step | passes / step | memory over inference |
 |---|---|---|---|---|
@@ -19,31 +19,15 @@ from __future__ import annotations
 
 from typing import Any
 
+from mezo_dist import trajectory
+from mezo_dist.trajectory import HYPER_FLAGS
 from mezo_dist.zo.adaptive import AdaMeZO
 from mezo_dist.zo.fzoo import FZOO
 from mezo_dist.zo.sparse import SparseMeZO
-from mezo_dist.zo.step import MeZO, StepResult
+from mezo_dist.zo.step import MeZO
 
 OPTIMIZERS: dict[str, type[MeZO]] = {"mezo": MeZO, "fzoo": FZOO, "sparse": SparseMeZO, "adamezo": AdaMeZO}
 NAMES = tuple(OPTIMIZERS)
-
-# Row / constructor name of each hyper-parameter -> its flag in ZOArguments.
-HYPER_FLAGS: dict[str, dict[str, str]] = {
-    "mezo": {},
-    "fzoo": {},
-    "sparse": {"sparsity": "zo_sparsity", "sparse_refresh": "zo_sparse_refresh"},
-    "adamezo": {"beta1": "zo_beta1", "beta2": "zo_beta2", "history": "zo_history", "adam_eps": "zo_adam_eps"},
-}
-
-# What a row of each optimizer must hold beyond MeZO's fields (checked when a trajectory is read).
-ROW_FIELDS: dict[str, tuple[str, ...]] = {
-    "mezo": (), "fzoo": ("directions", "sigma"), "sparse": tuple(HYPER_FLAGS["sparse"]),
-    "adamezo": tuple(HYPER_FLAGS["adamezo"]),
-}
-
-
-def name_of(zo: Any) -> str:
-    return getattr(zo, "name", "mezo") if isinstance(zo, MeZO) else "mezo"
 
 
 def hyper_from_args(name: str, zo_args: Any) -> dict[str, Any]:
@@ -58,14 +42,6 @@ def build(name: str, placement, **kw: Any) -> MeZO:
     return OPTIMIZERS[name](placement, **kw)
 
 
-def row_fields(zo: MeZO, res: StepResult) -> dict[str, Any]:
-    """The fields a non-MeZO optimizer adds to its trajectory row ({} for MeZO)."""
-    name = name_of(zo)
-    if name == "mezo":
-        return {}
-    return {"optimizer": name, **zo.hyper(), **zo.row_fields(res)}
-
-
 def state_dict(zo: Any) -> dict[str, Any] | None:
     """What a resume needs besides the parameters and the step (None: nothing)."""
     return zo.state_dict() if hasattr(zo, "state_dict") and isinstance(zo, MeZO) else None
@@ -78,16 +54,7 @@ def load_state_dict(zo: Any, state: dict[str, Any] | None) -> None:
 
 def for_replay(placement, row: dict[str, Any], *, kernel: str) -> MeZO:
     """The optimizer that wrote ``row``, set up to replay the run (lr comes from each row)."""
-    name = row.get("optimizer", "mezo")
+    name = trajectory.value(row, "optimizer")
     hyper = {key: row[key] for key in HYPER_FLAGS[name]}
     extra = {"num_directions": len(row["directions"])} if name == "fzoo" else {}
     return build(name, placement, lr=0.0, eps=row["eps"], kernel=kernel, **extra, **hyper)
-
-
-def replay_row(zo: MeZO, row: dict[str, Any]) -> None:
-    """Apply one logged step (its eps, wd and perturbation set by the caller)."""
-    if name_of(zo) == "mezo":
-        zo.replay(int(row["seed"]), float(row["projected_grad"]), float(row["lr"]), skipped=bool(row.get("skipped")),
-                  directions=row.get("directions"))
-    else:
-        zo.replay_row(row)

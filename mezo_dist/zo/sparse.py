@@ -224,14 +224,10 @@ class SparseMeZO(MeZO):
             self._done()
 
     @torch.no_grad()
-    def replay(self, seed: int, projected_grad: float, lr: float, *, skipped: bool = False,
+    def replay(self, step_seed: int, projected_grad: float, lr: float, *, skipped: bool = False,
                directions: list[tuple[int, float]] | None = None) -> None:
         self.prepare()
         try:
-            super().replay(seed, projected_grad, lr, skipped=skipped, directions=directions)
+            super().replay(step_seed, projected_grad, lr, skipped=skipped, directions=directions)
         finally:
             self._done()
-
-    def replay_row(self, row: dict[str, Any]) -> None:
-        self.replay(int(row["seed"]), float(row["projected_grad"]), float(row["lr"]), skipped=bool(row.get("skipped")),
-                    directions=row.get("directions"))

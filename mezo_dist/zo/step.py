@@ -17,10 +17,11 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable, Union
+from typing import Any, Callable, Union
 
 import torch
 
+from mezo_dist import trajectory
 from mezo_dist.placement.base import Placement
 from mezo_dist.zo import noise, passes
 
@@ -31,7 +32,7 @@ Closure = Callable[[], LossOut]
 @dataclass(frozen=True)
 class StepResult:
     step: int
-    seed: int
+    step_seed: int  # the seed of the first direction's z (not the run seed)
     projected_grad: float
     loss: float  # mean of L+ and L-: the estimate of the loss at theta
     loss_plus: float
@@ -95,7 +96,7 @@ class MeZO:
         self.lr = lr if callable(lr) else (lambda _step, _lr=float(lr): _lr)
         self.eps = float(eps)
         self.weight_decay = float(weight_decay)
-        self.seed = int(seed)
+        self.run_seed = int(seed)
         self.step_index = 0
         self._scratch = passes.Scratch()
         # The perturbation the model holds now, as (seed, scale): pieces with fp32 masters keep
@@ -142,7 +143,7 @@ class MeZO:
 
     def direction_seeds(self, step: int) -> list[int]:
         """The seeds of a step's directions; the first is ``noise.step_seed(seed, step)``."""
-        first = noise.step_seed(self.seed, step)
+        first = noise.step_seed(self.run_seed, step)
         return [first] + [noise.direction_seed(first, k) for k in range(1, self.num_directions)]
 
     @torch.no_grad()
@@ -185,7 +186,7 @@ class MeZO:
         g_mean = sum(grads) / len(grads)
         return StepResult(
             step=step,
-            seed=seeds[0],
+            step_seed=seeds[0],
             projected_grad=g_mean if not skipped else float("nan"),
             loss=(loss_plus + loss_minus) / 2.0,
             loss_plus=loss_plus,
@@ -204,14 +205,14 @@ class MeZO:
                 self._update(seed, lr * g / n)
 
     @torch.no_grad()
-    def replay(self, seed: int, projected_grad: float, lr: float, *, skipped: bool = False,
+    def replay(self, step_seed: int, projected_grad: float, lr: float, *, skipped: bool = False,
                directions: list[tuple[int, float]] | None = None) -> None:
         """Apply a logged step without its forwards: the same passes in the same order as
         :meth:`step`, so the parameters come out bit for bit as training left them.
 
         ``directions`` holds every (seed, projected gradient) of a step with several directions.
         """
-        pairs = [(int(s), float(g)) for s, g in directions] if directions else [(seed, projected_grad)]
+        pairs = [(int(s), float(g)) for s, g in directions] if directions else [(step_seed, projected_grad)]
         for k, (s, _g) in enumerate(pairs):
             self.perturb(s, self.eps)
             self.perturb(s, -2.0 * self.eps)
@@ -222,6 +223,10 @@ class MeZO:
         else:
             self._apply([s for s, _ in pairs], [g for _, g in pairs], lr)
         self.step_index += 1
+
+    def replay_row(self, row: dict[str, Any]) -> None:
+        """:meth:`replay` of one checked trajectory row (its eps, wd and perturbation set by the caller)."""
+        self.replay(**trajectory.replay_args(row))
 
     def _reduce_device(self) -> torch.device:
         # NCCL reduces CUDA tensors only; gloo reduces CPU tensors.

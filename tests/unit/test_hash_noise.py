@@ -175,9 +175,9 @@ def test_a_failed_compile_names_the_way_out(monkeypatch):
 
 
 def test_stream_names_round_trip():
-    from mezo_dist import replay
+    from mezo_dist import trajectory
 
-    assert tuple(passes.STREAMS.values()) == replay.STREAMS
+    assert tuple(passes.STREAMS.values()) == trajectory.STREAMS
     assert [passes.kernel_for_stream(passes.stream_name(k, "gaussian")) for k in passes.STREAMS] == list(passes.STREAMS)
     assert passes.resolve_kernel("auto", torch.device("cpu")) == "compiled"
 

@@ -96,7 +96,7 @@ def test_rademacher_step_follows_zo_sgd(kernel, stream):
     assert zo.noise_stream == stream
     res = zo.step(lambda: model(x).pow(2).mean())
     for name, p in model.named_parameters():
-        z = passes.draw(zo.kernel, noise.param_key(res.seed, name), 0, p.numel(), p.numel(),
+        z = passes.draw(zo.kernel, noise.param_key(res.step_seed, name), 0, p.numel(), p.numel(),
                         kind="rademacher").view_as(p)
         assert set(z.unique().tolist()) <= {-1.0, 1.0}
         assert torch.allclose(p.detach(), before[name] - 1e-2 * res.projected_grad * z, atol=1e-6), name

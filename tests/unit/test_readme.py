@@ -1,4 +1,5 @@
-"""The README tells the truth: its API example runs, and its launch flags exist."""
+"""The README and docs/ tell the truth: the API example runs, the launch flags they use exist, and
+docs/flags.md is what ``--help`` prints."""
 
 import re
 import shlex
@@ -6,12 +7,13 @@ import shlex
 from tests.helpers import ROOT
 
 README = (ROOT / "README.md").read_text()
+DOCS = {p.name: p.read_text() for p in sorted((ROOT / "docs").glob("*.md"))}
 
 
-def code_blocks() -> list[tuple[str, str]]:
-    """(heading above the block, block text) for each fenced block."""
+def code_blocks(text: str = README) -> list[tuple[str, str]]:
+    """(heading above the block, block text) for each fenced block of ``text``."""
     out, heading = [], ""
-    for part in re.split(r"(^```[a-z]*\n.*?^```$)", README, flags=re.S | re.M):
+    for part in re.split(r"(^```[a-z]*\n.*?^```$)", text, flags=re.S | re.M):
         if part.startswith("```"):
             out.append((heading, part.split("\n", 1)[1].rsplit("```", 1)[0]))
         else:
@@ -52,8 +54,8 @@ def test_every_train_flag_in_the_readme_exists():
     known = {a for action in HfArgumentParser(ARG_GROUPS)._actions
              for a in action.option_strings}
     used = set()
-    for _, block in code_blocks():
-        for line in block.splitlines():
+    for _, block in [b for text in (README, *DOCS.values()) for b in code_blocks(text)]:
+        for line in block.replace("\\\n", " ").splitlines():  # continued lines as one
             if "launch/train.py" in line:
                 tail = line.split("launch/train.py", 1)[1]
                 used |= {t for t in shlex.split(tail) if t.startswith("--")}
@@ -79,4 +81,28 @@ def test_every_shipped_ds_config_is_accepted_by_its_trainer():
         assert cfg["zero_optimization"]["stage"] == 3, path.name
         # ... and by DeepSpeed's own config classes, as the start-up check runs them.
         check_with_deepspeed(cfg, str(path), micro_batch=2, accumulation=2, world_size=2, dtype=torch.bfloat16)
-        assert path.name in README, f"the README does not mention {path.name}"
+        assert any(path.name in text for text in (README, *DOCS.values())), f"no doc mentions {path.name}"
+
+
+def test_docs_flags_is_what_help_prints():
+    """Every flag of launch/train.py and launch/replay.py is in docs/flags.md, with the default and
+    help text of --help (regenerate: python -m mezo_dist.flag_docs docs/flags.md)."""
+    from transformers import HfArgumentParser
+
+    from mezo_dist.config import ARG_GROUPS, ModelArguments
+    from mezo_dist.flag_docs import render
+    from mezo_dist.replay import ReplayArguments
+
+    doc = DOCS["flags.md"]
+    flags = {s for types in (ARG_GROUPS, (ModelArguments, ReplayArguments))
+             for action in HfArgumentParser(types)._actions for s in action.option_strings
+             if s.startswith("--") and "-" not in s[2:] and s != "--help"}
+    missing = sorted(f for f in flags if f"`{f}`" not in doc)
+    assert not missing, f"docs/flags.md lacks {', '.join(missing)}"
+    assert doc == render(), "docs/flags.md differs from --help: python -m mezo_dist.flag_docs docs/flags.md"
+
+
+def test_readme_links_resolve():
+    links = re.findall(r"\]\(((?:docs/)[^)#]*)\)", README)
+    links += [f"docs/{target}" for text in DOCS.values() for target in re.findall(r"\]\(([\w./-]+\.md)\)", text)]
+    assert links and all((ROOT / link).exists() for link in links), [x for x in links if not (ROOT / x).exists()]

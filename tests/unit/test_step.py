@@ -40,9 +40,9 @@ def test_update_follows_zo_sgd_with_decay_on_matrices_only():
     lr, eps, wd = 1e-2, 1e-3, 0.5
     zo = MeZO(wrap(model), lr=lr, eps=eps, weight_decay=wd, seed=3)
     res = zo.step(quadratic_loss(model))
-    assert res.step == 0 and res.seed == noise.step_seed(3, 0) and not res.skipped
+    assert res.step == 0 and res.step_seed == noise.step_seed(3, 0) and not res.skipped
     for name, p in model.named_parameters():
-        z = passes.draw(zo.kernel, noise.param_key(res.seed, name), 0, p.numel(), p.numel()).view_as(p)
+        z = passes.draw(zo.kernel, noise.param_key(res.step_seed, name), 0, p.numel(), p.numel()).view_as(p)
         theta = before[name]
         decay = wd if p.dim() >= 2 else 0.0
         expected = theta - lr * (res.projected_grad * z + decay * theta)

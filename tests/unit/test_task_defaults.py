@@ -89,3 +89,19 @@ def test_task_defaults_fill_only_what_the_user_left_unset(tiny_models):
     assert cfg.task.num_dev == 7 and cfg.task.train_as_classification is True
     cfg = parse_args(base + ["--task_name", "SST2", "--train_as_classification", "false"])
     assert cfg.task.train_as_classification is False and cfg.task.num_dev == 500
+
+
+def test_demo_defaults_fill_only_the_flags_the_user_left_untyped(tiny_models, tmp_path):
+    """Demo mode (no task, no train file) takes the demo's values for untyped flags; a typed flag
+    keeps its value even when that value is the flag's own default."""
+    base = ["--model_name_or_path", str(tiny_models["llama"]), "--report_to", "none",
+            "--output_dir", str(tmp_path / "out")]
+    cfg = parse_args(base)
+    assert cfg.task.task_name == "Polarity"
+    assert (cfg.zo.learning_rate, cfg.run.per_device_train_batch_size, cfg.task.num_eval) == (1e-5, 16, 200)
+    typed = ["--learning_rate", "1e-6", "--per_device_train_batch_size", "8", "--num_eval", "1000",
+             "--eval_steps", "0"]  # each one the flag's dataclass default
+    cfg = parse_args(base + typed)
+    assert (cfg.zo.learning_rate, cfg.run.per_device_train_batch_size, cfg.task.num_eval) == (1e-6, 8, 1000)
+    assert cfg.task.eval_steps == 0
+    assert (cfg.task.task_name, cfg.task.num_dev, cfg.run.max_steps) == ("Polarity", 100, 100)  # untyped: the demo's

@@ -197,7 +197,7 @@ def test_sparse_update_touches_only_the_small_magnitudes():
         keep = theta[name].abs() <= h
         k = selected_count(0.6, p.numel())  # ties at the threshold are all in (LayerNorm weights start at 1)
         assert int(keep.sum()) >= k > int((theta[name].abs() < h).sum())
-        expected = theta[name] - lr * res.projected_grad * z_of(res.seed, name, p) * keep
+        expected = theta[name] - lr * res.projected_grad * z_of(res.step_seed, name, p) * keep
         assert torch.allclose(p.detach(), expected, atol=1e-6), name
         assert torch.equal(p.detach()[~keep], theta[name][~keep]), "frozen elements must come back bit for bit"
 
@@ -211,7 +211,7 @@ def test_adamezo_update_is_adam_on_the_truncated_history():
     for _ in range(3):
         theta = snapshot(model)
         res = zo.step(lambda: model(X).pow(2).mean())
-    assert len(zo.past) == h and zo.past[0] == (res.seed, res.projected_grad)
+    assert len(zo.past) == h and zo.past[0] == (res.step_seed, res.projected_grad)
     w1, w2 = moment_weights(b1, h), moment_weights(b2, h)
     assert sum(w1) == pytest.approx(1.0) and w1[0] > w1[1]
     for name, p in model.named_parameters():
@@ -243,7 +243,7 @@ NAMES = ["mezo", "fzoo", "sparse", "adamezo"]
 @pytest.mark.parametrize("name", NAMES)
 def test_replay_from_rows_rebuilds_the_parameters_bit_for_bit(name):
     from mezo_dist.replay import replay
-    from mezo_dist.train import trajectory_row
+    from mezo_dist.trajectory import zo_row
 
     model = tiny_net()
     extra = {"sparse_refresh": 2} if name == "sparse" else {}
@@ -252,7 +252,7 @@ def test_replay_from_rows_rebuilds_the_parameters_bit_for_bit(name):
     rows = []
     for _ in range(5):
         res = zo.step(closure)
-        rows.append(json.loads(json.dumps(trajectory_row(res, zo))))
+        rows.append(json.loads(json.dumps(zo_row(res, zo))))
     assert rows[2].get("skipped") and not rows[3].get("skipped")
     assert rows[0].get("optimizer", "mezo") == name
     fresh = tiny_net()

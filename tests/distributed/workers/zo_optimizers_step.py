@@ -64,7 +64,7 @@ def main() -> None:
                 ops[step] = collectives(prof)
             else:
                 res = zo.step(lambda: causal_lm_loss(placement, batch))
-            rows.append({"seed": res.seed, "loss": res.loss, "directions": [list(d) for d in res.directions]})
+            rows.append({"seed": res.step_seed, "loss": res.loss, "directions": [list(d) for d in res.directions]})
         sd = placement.full_state_dict()
         report[name] = {"rows": rows, "collectives": ops, "state": optimizers.state_dict(zo),
                         "parameters": len({p.name for p in placement.pieces()})}
