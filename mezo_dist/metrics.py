@@ -21,9 +21,9 @@ import torch
 import torch.distributed as dist
 
 from mezo_dist.distributed import DistState
+from mezo_dist import trajectory
 from mezo_dist.errors import ConfigError
 from mezo_dist.io import atomic_write_text  # noqa: F401  (also imported from here by the benchmarks)
-from mezo_dist.io import json_lines
 
 # The project name of trackers that log to a service (wandb, comet_ml, ...) rather than a folder.
 PROJECT = "mezo_dist"
@@ -137,7 +137,7 @@ class RunLogger:
         """A fresh file, or on resume the lines of the steps before ``start_step`` (lines written
         after the checkpoint by the interrupted run are dropped: those steps run again)."""
         path = self.out / "trajectory.jsonl"
-        atomic_write_text(path, "".join(trajectory_before(path, start_step)))
+        atomic_write_text(path, "".join(trajectory.lines_before(path, start_step)))
         return open(path, "a", encoding="utf-8")
 
     def trajectory(self, row: dict[str, Any]) -> None:
@@ -174,22 +174,3 @@ class RunLogger:
         self._trackers = []
         if self._traj is not None:
             self._traj.close()
-
-
-def trajectory_before(path: Path, start_step: int) -> list[str]:
-    """The lines of ``path`` for the steps before ``start_step``, checked: JSON objects with an
-    integer ``step`` counting from 0. A last line cut short by a crash is dropped; anything else
-    that does not fit is a ConfigError (checked before a resumed run starts, by every rank)."""
-    if start_step <= 0 or not path.exists():
-        return []
-    kept: list[str] = []
-    for n, row in json_lines(path, what="trajectory", cut_last=True):
-        step = row.get("step") if isinstance(row, dict) else None
-        if not isinstance(step, int) or isinstance(step, bool):
-            raise ConfigError(f"trajectory {path} line {n} has no integer step (got {step!r})")
-        if step >= start_step:
-            break
-        if step != len(kept):
-            raise ConfigError(f"trajectory {path} line {n} is step {step}, expected {len(kept)}")
-        kept.append(json.dumps(row) + "\n")
-    return kept

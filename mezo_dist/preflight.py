@@ -40,7 +40,7 @@ def check_output_dir(cfg: TrainConfig) -> None:
     """Resolve --resume_from_checkpoint and refuse to clobber a previous run's outputs."""
     from mezo_dist.checkpoint import FINISHED_MARKERS, list_checkpoints, read_checkpoint_meta, run_markers
     from mezo_dist.io import check_writable_folder
-    from mezo_dist.metrics import trajectory_before
+    from mezo_dist.trajectory import lines_before
 
     run = cfg.run
     out = Path(run.output_dir)
@@ -70,7 +70,7 @@ def check_output_dir(cfg: TrainConfig) -> None:
                 )
         if state["step"] > run.max_steps:
             raise ConfigError(f"checkpoint {run.resume_from_checkpoint} is at step {state['step']}, past --max_steps {run.max_steps}")
-        trajectory_before(out / "trajectory.jsonl", state["step"])  # what the resumed run keeps must be sound
+        lines_before(out / "trajectory.jsonl", state["step"])  # what the resumed run keeps must be sound
         return
     previous = run_markers(out)
     if previous and not run.overwrite_output_dir:

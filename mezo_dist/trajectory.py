@@ -1,5 +1,6 @@
-"""The trajectory (``trajectory.jsonl``): one JSON object per step, written by training and read
-back by replay, which rebuilds the weights from the file alone.
+"""The trajectory (``trajectory.jsonl``): one JSON object per step, written by training, kept up to
+the checkpoint's step by a resumed run (:func:`lines_before`) and read back by replay, which
+rebuilds the weights from the file alone.
 
 The row of a zeroth-order step (MeZO and every ``--zo_optimizer``):
 
@@ -30,6 +31,7 @@ Nothing here imports torch: a trajectory is checked before any process group or 
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 from typing import Any
@@ -177,3 +179,23 @@ def _check_optimizer(row: dict[str, Any], first: dict[str, Any], where: str) -> 
     changed = [k for k in HYPER_FLAGS[name] if row[k] != first[k]]
     if changed:
         raise ConfigError(f"{where} changes {changed[0]} mid-run")
+
+
+def lines_before(path: Path, start_step: int) -> list[str]:
+    """The lines of ``path`` for the steps before ``start_step``, checked: JSON objects with an
+    integer ``step`` counting from 0. A last line cut short by a crash is dropped; anything else
+    that does not fit is a ConfigError (checked before a resumed run starts, by every rank). What a
+    resumed run keeps of its trajectory: rows are copied as written."""
+    if start_step <= 0 or not path.exists():
+        return []
+    kept: list[str] = []
+    for n, row in json_lines(path, what="trajectory", cut_last=True):
+        step = row.get("step") if isinstance(row, dict) else None
+        if not isinstance(step, int) or isinstance(step, bool):
+            raise ConfigError(f"trajectory {path} line {n} has no integer step (got {step!r})")
+        if step >= start_step:
+            break
+        if step != len(kept):
+            raise ConfigError(f"trajectory {path} line {n} is step {step}, expected {len(kept)}")
+        kept.append(json.dumps(row) + "\n")
+    return kept

@@ -39,10 +39,20 @@ def test_api_example_runs(capsys):
     assert [line.split()[0] for line in printed[-3:]] == ["0", "1", "2"]
 
 
-def test_trainer_example_runs(capsys):
+def test_trainer_example_runs():
+    # In a fresh interpreter, as a user runs it: Trainer starts accelerate's process state, which
+    # would otherwise stay in the test session's process (its default process group included).
+    import os
+    import subprocess
+    import sys
+
     (block,) = [b for h, b in code_blocks() if h == "With a Hugging Face Trainer"]
-    exec(compile(block, "README-trainer-example", "exec"), {})
-    losses = eval(capsys.readouterr().out.strip().splitlines()[-1])
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(key, None)
+    out = subprocess.run([sys.executable, "-c", block], capture_output=True, text=True, env=env, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    losses = eval(out.stdout.strip().splitlines()[-1])
     assert len(losses) == 3 and all(loss > 0 for loss in losses)
 
 
