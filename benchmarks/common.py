@@ -53,6 +53,19 @@ def timed(fn, device, iters: int, warmup: int = 1) -> float:
     return statistics.median(out)
 
 
+def write_results(folder, name: str, meta: dict, rows: list, markdown: str, chart) -> None:
+    """``<name>.json`` (meta and rows), ``<name>.md`` and ``<name>.png`` (``chart(rows, path)``) under
+    ``folder``, each written atomically; the markdown is printed too."""
+    from mezo_dist.io import atomic_write_text
+
+    out = Path(folder)
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out / f"{name}.json", json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
+    atomic_write_text(out / f"{name}.md", markdown)
+    chart(rows, out / f"{name}.png")
+    print(markdown)
+
+
 def save_figure(fig, path: Path, *, dpi: int = 110) -> None:
     """Write a matplotlib figure atomically (a reader never sees half a PNG) and close it."""
     import matplotlib.pyplot as plt

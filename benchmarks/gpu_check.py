@@ -31,7 +31,7 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
-from benchmarks.common import sync, timed  # noqa: E402
+from benchmarks.common import sync, timed, write_results  # noqa: E402
 
 # A stand-in for the OPT sizes in --dry-run: small enough for a CPU in CI, same code path.
 TINY = (64, 2, 128, 512, 4)
@@ -187,7 +187,6 @@ def chart(rows: list[dict], path: Path) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     from mezo_dist import plan
-    from mezo_dist.metrics import atomic_write_text
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", default="1.3b,6.7b", help="OPT sizes (mezo_dist.plan.OPT keys)")
@@ -218,12 +217,7 @@ def main(argv: list[str] | None = None) -> int:
             "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}",
             "copy_bandwidth_gb_s": args.copy_bw / 1e9, "batch": args.batch, "seq_len": args.seq,
             "iters": args.iters, "dry_run": args.dry_run}
-    out = Path(args.results)
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out / "gpu_check.json", json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
-    atomic_write_text(out / "gpu_check.md", markdown(rows, meta))
-    chart(rows, out / "gpu_check.png")
-    print(markdown(rows, meta))
+    write_results(args.results, "gpu_check", meta, rows, markdown(rows, meta), chart)
     return 0
 
 

@@ -24,7 +24,6 @@ it the chart is skipped.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import sys
@@ -36,7 +35,7 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
-from benchmarks.common import sync, timed  # noqa: E402
+from benchmarks.common import sync, timed, write_results  # noqa: E402
 
 # SmolLM2-135M's shapes (its config.json): tied embeddings, 30 layers, hidden 576, GQA 9/3 heads.
 SMOLLM2_135M = dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
@@ -178,14 +177,7 @@ def main() -> None:
     if device.type == "cuda":
         machine += f", {torch.cuda.get_device_name(device)}"
     meta = {"elements": rows[0]["elements"], "repeats": args.repeats, "machine": machine, "bw": bandwidth(device)}
-    out = Path(args.results)
-    out.mkdir(parents=True, exist_ok=True)
-    from mezo_dist.metrics import atomic_write_text
-
-    atomic_write_text(out / "perturb.json", json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
-    atomic_write_text(out / "perturb.md", markdown(rows, meta))
-    chart(rows, out / "perturb.png")
-    print(markdown(rows, meta))
+    write_results(args.results, "perturb", meta, rows, markdown(rows, meta), chart)
 
 
 if __name__ == "__main__":
