@@ -64,7 +64,8 @@ def _main(argv: list[str] | None) -> int:
 
 
 def run_on_ranks(body: Callable[[Any], int], **init_kwargs: Any) -> int:
-    """Start the process group, run ``body(state)``, and tear the group down.
+    """Start the process group, run ``body(state)``, and tear the group down (a group that
+    was already started is left to whoever started it).
 
     A ConfigError (exit 2) or TrainingError (exit 1) is raised on every rank alike (the same
     input, the same all-reduced losses), so it ends with the closing barrier. Any other error
@@ -72,8 +73,13 @@ def run_on_ranks(body: Callable[[Any], int], **init_kwargs: Any) -> int:
     interrupt (exit 128 + the signal); a rank whose collective failed because a peer was
     interrupted leaves quietly with the peer's exit code instead of a traceback.
     """
+    import torch.distributed as dist
+
     from mezo_dist.distributed import init_distributed, teardown
 
+    # A process group the caller started (a notebook, a test harness, a Trainer) is the
+    # caller's to destroy; only the one started here is torn down here.
+    owns_group = not (dist.is_available() and dist.is_initialized())
     clean = False
     try:
         state = init_distributed(**init_kwargs)
@@ -98,4 +104,5 @@ def run_on_ranks(body: Callable[[Any], int], **init_kwargs: Any) -> int:
             return interrupt.exit_code(signum)
         raise
     finally:
-        teardown(clean=clean)
+        if owns_group:
+            teardown(clean=clean)

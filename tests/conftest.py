@@ -73,9 +73,9 @@ def tiny_models(tmp_path_factory) -> dict[str, Path]:
 @pytest.fixture(scope="session")
 def rank_pool(torch_extensions_dir):
     """Two ranks over gloo, started once for the session (see tests/rank_pool.py)."""
-    from tests.rank_pool import RankPool
+    from tests.rank_pool import shared_pool
 
-    pool = RankPool(world=2)
+    pool = shared_pool()
     yield pool
     pool.close()
 

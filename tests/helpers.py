@@ -90,11 +90,16 @@ LAUNCHERS = {
 
 
 def launch(launcher: str, script: str, args: list[str], **kw) -> subprocess.CompletedProcess:
-    """Run ``script`` under a real launcher (2 CPU ranks, except plain python).
+    """Run ``script`` under a real launcher (2 CPU ranks, except plain python), or with
+    ``launcher="ranks"`` on the session's two pooled ranks (tests/rank_pool.py): the same entry
+    point on a gloo group that is already up, without a launcher's start-up. Tests whose subject
+    is not the launcher use the pool.
 
     A run that passes must not leave DeepSpeed's per-rank shared-memory segments behind (each is
     69 MB of the host's memory until reboot); those of a run that failed are removed here.
     """
+    if launcher == "ranks":
+        return _launch_on_pool(script, args, **kw)
     port = free_port()
     ok = False
     try:
@@ -107,6 +112,26 @@ def launch(launcher: str, script: str, args: list[str], **kw) -> subprocess.Comp
     if ok and left:
         raise AssertionError(f"the run left shared-memory segments behind: {[f.name for f in left]}")
     return proc
+
+
+def _launch_on_pool(script: str, args: list[str], *, timeout: int = 600, check: bool = True,
+                    **env: str) -> subprocess.CompletedProcess:
+    from tests.rank_pool import run_entry_point, shared_pool
+
+    if env.keys() & {"MEZO_DIST_TEST_KILL", "MEZO_DIST_TEST_DIE_IN_SAVE", "MEZO_DIST_TEST_STALL"}:
+        # A rank that dies or stalls on purpose needs a launcher to notice it (in the pool it
+        # would end the pool): those runs go through torchrun.
+        return launch("torchrun", script, args, timeout=timeout, check=check, **env)
+    results = shared_pool().run(run_entry_point, script, list(args), env, timeout=timeout)
+    codes = [code for code, _, _ in results]
+    # As torchrun reports it: the first failing rank's code, both ranks' output.
+    code = next((c for c in codes if c != 0), 0)
+    out, err = "".join(o for _, o, _ in results), "".join(e for _, _, e in results)
+    cmd = ["<ranks>", script, *args]
+    if check and code != 0:
+        raise AssertionError(f"command failed ({codes}): {' '.join(cmd)}\n--- stdout ---\n{out[-4000:]}"
+                             f"\n--- stderr ---\n{err[-8000:]}")
+    return subprocess.CompletedProcess(cmd, code, out, err)
 
 
 def run_fused_tests_under_interpreter(test_file: str) -> None:

@@ -15,7 +15,10 @@ ranks may be waiting in a collective forever, so every worker is killed and the 
 
 from __future__ import annotations
 
+import atexit
+import contextlib
 import importlib
+import io
 import multiprocessing as mp
 import os
 import sys
@@ -38,6 +41,7 @@ def _worker(rank: int, world: int, port: int, env: dict[str, str], conn) -> None
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), LOCAL_SIZE=str(world),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     sys.path.insert(0, str(ROOT))
+    os.chdir(ROOT)  # as the launchers run: relative paths (ds_configs/...) resolve from the checkout
     try:
         import torch
 
@@ -65,6 +69,32 @@ def _worker(rank: int, world: int, port: int, env: dict[str, str], conn) -> None
     from mezo_dist.distributed import teardown
 
     teardown()
+
+
+# The entry points a pooled "launch" runs (each ``main(argv) -> exit code``); the scripts in
+# launch/ are these calls plus an ``os._exit``, which would end the worker.
+ENTRY_POINTS = {"launch/train.py": ("mezo_dist.cli", "main"), "launch/replay.py": ("mezo_dist.replay", "main")}
+
+
+def run_entry_point(state, script: str, argv: list[str], env: dict[str, str]) -> tuple[int, str, str]:
+    """One rank's share of ``script argv`` as a launcher would run it, with ``env`` added for the
+    run: (exit code, stdout, stderr). The entry point finds the pool's group started and leaves
+    it standing (``cli.run_on_ranks`` tears down only a group it started)."""
+    module, name = ENTRY_POINTS[script]
+    main = getattr(importlib.import_module(module), name)
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    out, err = io.StringIO(), io.StringIO()
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            code = main(list(argv))
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+    return code, out.getvalue(), err.getvalue()
 
 
 def _forget_run_state() -> None:
@@ -156,3 +186,15 @@ def _remove_shm_segments(port: int) -> None:
     # has mapped them, this catches those of workers killed before they got there.
     for f in Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*"):
         f.unlink(missing_ok=True)
+
+
+_SHARED: RankPool | None = None
+
+
+def shared_pool() -> RankPool:
+    """The session's 2-rank pool (the ``rank_pool`` fixture and pooled launches share it)."""
+    global _SHARED
+    if _SHARED is None:
+        _SHARED = RankPool(world=2)
+        atexit.register(_SHARED.close)
+    return _SHARED

@@ -40,10 +40,13 @@ def check_with_deepspeed(ds: dict[str, Any], path: str, *, micro_batch: int, acc
         raise ConfigError(f"ds_config {path} sets train_batch_size={explicit!r}, but the run's global batch is "
                           f"{micro_batch} x {world_size} ranks x {accumulation} = {micro_batch * world_size * accumulation}")
     try:
-        filled = fill_ds_config(ds, micro_batch=micro_batch, world_size=1, dtype=dtype, hidden_size=None,
+        # DeepSpeed checks the batch against the world it sees: one rank before the launcher's
+        # group starts (the global batch was checked above), the group's size where the caller
+        # started one already.
+        seen = _world_deepspeed_sees()
+        filled = fill_ds_config(ds, micro_batch=micro_batch, world_size=seen, dtype=dtype, hidden_size=None,
                                 accumulation=accumulation)
-        # Without a process group DeepSpeed counts one rank; the global batch was checked above.
-        filled["train_batch_size"] = micro_batch * accumulation
+        filled["train_batch_size"] = micro_batch * seen * accumulation
         DeepSpeedConfig(filled)
     except ValidationError as e:
         err = e.errors()[0]
@@ -52,3 +55,12 @@ def check_with_deepspeed(ds: dict[str, Any], path: str, *, micro_batch: int, acc
     except (ValueError, AssertionError, KeyError, TypeError, AttributeError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ConfigError(f"ds_config {path} is refused by DeepSpeed: {first}") from None
+
+
+def _world_deepspeed_sees() -> int:
+    from deepspeed import comm
+
+    try:
+        return comm.get_world_size()
+    except (RuntimeError, AssertionError, AttributeError):  # no group yet: DeepSpeed counts one
+        return 1

@@ -89,8 +89,8 @@ FLAGS = {
     "sparse": ["--zo_optimizer", "sparse", "--zo_sparsity", "0.6", "--learning_rate", "1e-3"],
     "adamezo": ["--zo_optimizer", "adamezo", "--zo_history", "3", "--learning_rate", "1e-3"],
 }
-TRAIN_LAYOUTS = {"single": ("python", ["--backend", "single"], 1), "fsdp": ("torchrun", ["--backend", "fsdp"], 2),
-                 "zero3": ("torchrun", ["--ds_config", "ds_configs/zero3.json"], 2)}
+TRAIN_LAYOUTS = {"single": ("python", ["--backend", "single"], 1), "fsdp": ("ranks", ["--backend", "fsdp"], 2),
+                 "zero3": ("ranks", ["--ds_config", "ds_configs/zero3.json"], 2)}
 
 
 def train(name: str, layout: str, model: Path, text: Path, out: Path, *extra: str, check: bool = True, **env):
