@@ -92,14 +92,14 @@ LAUNCHERS = {
 def launch(launcher: str, script: str, args: list[str], **kw) -> subprocess.CompletedProcess:
     """Run ``script`` under a real launcher (2 CPU ranks, except plain python), or with
     ``launcher="ranks"`` on the session's two pooled ranks (tests/rank_pool.py): the same entry
-    point on a gloo group that is already up, without a launcher's start-up. Tests whose subject
-    is not the launcher use the pool.
+    point on a gloo group that is already up, without a launcher's start-up (``"one"``: one
+    pooled process, as plain python runs it). Tests whose subject is not the launcher use them.
 
     A run that passes must not leave DeepSpeed's per-rank shared-memory segments behind (each is
     69 MB of the host's memory until reboot); those of a run that failed are removed here.
     """
-    if launcher == "ranks":
-        return _launch_on_pool(script, args, **kw)
+    if launcher in POOLS:
+        return _launch_on_pool(POOLS[launcher], script, args, **kw)
     port = free_port()
     ok = False
     try:
@@ -114,15 +114,19 @@ def launch(launcher: str, script: str, args: list[str], **kw) -> subprocess.Comp
     return proc
 
 
-def _launch_on_pool(script: str, args: list[str], *, timeout: int = 600, check: bool = True,
+# Pooled "launchers" (tests/rank_pool.py) and the real launcher each stands in for.
+POOLS = {"ranks": 2, "one": 1}
+
+
+def _launch_on_pool(world: int, script: str, args: list[str], *, timeout: int = 600, check: bool = True,
                     **env: str) -> subprocess.CompletedProcess:
     from tests.rank_pool import run_entry_point, shared_pool
 
     if env.keys() & {"MEZO_DIST_TEST_KILL", "MEZO_DIST_TEST_DIE_IN_SAVE", "MEZO_DIST_TEST_STALL"}:
         # A rank that dies or stalls on purpose needs a launcher to notice it (in the pool it
-        # would end the pool): those runs go through torchrun.
-        return launch("torchrun", script, args, timeout=timeout, check=check, **env)
-    results = shared_pool().run(run_entry_point, script, list(args), env, timeout=timeout)
+        # would end the pool): those runs go through a real one.
+        return launch("torchrun" if world > 1 else "python", script, args, timeout=timeout, check=check, **env)
+    results = shared_pool(world).run(run_entry_point, script, list(args), env, timeout=timeout)
     codes = [code for code, _, _ in results]
     # As torchrun reports it: the first failing rank's code, both ranks' output.
     code = next((c for c in codes if c != 0), 0)

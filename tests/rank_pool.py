@@ -48,8 +48,15 @@ def _worker(rank: int, world: int, port: int, env: dict[str, str], conn) -> None
         torch.set_num_threads(1)
         from mezo_dist.distributed import init_distributed
 
-        # The group is wrapped by DeepSpeed's comm layer once, so ZeRO-3 and FSDP2 tests share it.
-        state = init_distributed(use_deepspeed=True, timeout_s=GROUP_TIMEOUT_S)
+        if world > 1:
+            # The group is wrapped by DeepSpeed's comm layer once, so ZeRO-3 and FSDP2 tests share it.
+            state = init_distributed(use_deepspeed=True, timeout_s=GROUP_TIMEOUT_S)
+        else:
+            # One rank starts no group, as `python launch/train.py` starts none: each run that
+            # needs one (FSDP2's mesh, DeepSpeed) starts and destroys its own.
+            for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+                os.environ.pop(k, None)
+            state = init_distributed()
         conn.send(("ready", None))
     except BaseException:  # noqa: BLE001 - reported to the parent, which fails the test
         conn.send(("error", traceback.format_exc()))
@@ -82,18 +89,17 @@ def run_entry_point(state, script: str, argv: list[str], env: dict[str, str]) ->
     it standing (``cli.run_on_ranks`` tears down only a group it started)."""
     module, name = ENTRY_POINTS[script]
     main = getattr(importlib.import_module(module), name)
-    saved = {k: os.environ.get(k) for k in env}
+    # The whole environment comes back after the run: ``env``, and what a run sets itself (the
+    # rendezvous a launcher-less single process gives itself), must not reach the next one.
+    saved = dict(os.environ)
     os.environ.update(env)
     out, err = io.StringIO(), io.StringIO()
     try:
         with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
             code = main(list(argv))
     finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+        os.environ.clear()
+        os.environ.update(saved)
     return code, out.getvalue(), err.getvalue()
 
 
@@ -188,13 +194,13 @@ def _remove_shm_segments(port: int) -> None:
         f.unlink(missing_ok=True)
 
 
-_SHARED: RankPool | None = None
+_SHARED: dict[int, RankPool] = {}
 
 
-def shared_pool() -> RankPool:
-    """The session's 2-rank pool (the ``rank_pool`` fixture and pooled launches share it)."""
-    global _SHARED
-    if _SHARED is None:
-        _SHARED = RankPool(world=2)
-        atexit.register(_SHARED.close)
-    return _SHARED
+def shared_pool(world: int = 2) -> RankPool:
+    """The session's pool of ``world`` ranks (the ``rank_pool`` fixture and pooled launches share
+    the 2-rank one)."""
+    if world not in _SHARED:
+        _SHARED[world] = RankPool(world=world)
+        atexit.register(_SHARED[world].close)
+    return _SHARED[world]

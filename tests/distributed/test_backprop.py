@@ -60,20 +60,20 @@ def optimizer_used(out: Path) -> str:
 @pytest.fixture(scope="module")
 def one_process(tiny_models, text_file, tmp_path_factory):
     out = tmp_path_factory.mktemp("bp_one")
-    launch("python", "launch/train.py", ["--model_name_or_path", str(tiny_models["llama"]), "--train_file", str(text_file),
+    launch("one", "launch/train.py", ["--model_name_or_path", str(tiny_models["llama"]), "--train_file", str(text_file),
                                          "--output_dir", str(out), "--per_device_train_batch_size", "4", *ARGS])
     return out
 
 
 # launcher, flags, micro-batch, accumulation, the optimizer train_results.json must name.
 CASES = {
-    "fsdp": ("torchrun", ["--backend", "fsdp"], 2, 1, "AdamW"),
-    "fsdp-accumulated": ("torchrun", ["--backend", "fsdp"], 1, 2, "AdamW"),
-    "ddp": ("torchrun", ["--backend", "single"], 2, 1, "AdamW"),
-    "zero3-accumulated": ("deepspeed", ["--ds_config", "{zero3}"], 1, 2, "AdamW"),
-    "zero3-optimizer-offload": ("deepspeed", ["--ds_config", "{zero3_offload}"], 2, 1, "AdamW (states on cpu)"),
+    "fsdp": ("ranks", ["--backend", "fsdp"], 2, 1, "AdamW"),
+    "fsdp-accumulated": ("ranks", ["--backend", "fsdp"], 1, 2, "AdamW"),
+    "ddp": ("ranks", ["--backend", "single"], 2, 1, "AdamW"),
+    "zero3-accumulated": ("ranks", ["--ds_config", "{zero3}"], 1, 2, "AdamW"),
+    "zero3-optimizer-offload": ("ranks", ["--ds_config", "{zero3_offload}"], 2, 1, "AdamW (states on cpu)"),
     # DeepSpeed's own host Adam, as shipped: compiled at first use (a minute or two, once).
-    "zero3-optimizer-offload-cpuadam": ("deepspeed", ["--ds_config", "{zero3_offload_cpuadam}"], 2, 1,
+    "zero3-optimizer-offload-cpuadam": ("ranks", ["--ds_config", "{zero3_offload_cpuadam}"], 2, 1,
                                         "DeepSpeedCPUAdam (states on cpu)"),
 }
 
@@ -107,7 +107,7 @@ def test_backprop_loss_goes_down(one_process):
 
 def test_activation_checkpointing_changes_memory_not_results(one_process, tiny_models, text_file, tmp_path):
     out = tmp_path / "ckpt"
-    launch("python", "launch/train.py", ["--model_name_or_path", str(tiny_models["llama"]), "--train_file", str(text_file),
+    launch("one", "launch/train.py", ["--model_name_or_path", str(tiny_models["llama"]), "--train_file", str(text_file),
                                          "--output_dir", str(out), "--per_device_train_batch_size", "4",
                                          "--gradient_checkpointing", *ARGS])
     ref, got = weights(one_process / "final"), weights(out / "final")
@@ -121,8 +121,8 @@ def test_bf16_mixed_precision_on_every_backend_tracks_one_process(tiny_models, t
     common = ["--model_name_or_path", str(tiny_models["llama"]), "--train_file", str(text_file), *ARGS,
               "--precision", "bf16"]
     traces = {}
-    for name, launcher, flags, micro in (("one", "python", [], 4), ("fsdp", "torchrun", ["--backend", "fsdp"], 2),
-                                         ("zero3", "deepspeed", ["--ds_config", zero3_adamw(tmp_path)], 2)):
+    for name, launcher, flags, micro in (("one", "one", [], 4), ("fsdp", "ranks", ["--backend", "fsdp"], 2),
+                                         ("zero3", "ranks", ["--ds_config", zero3_adamw(tmp_path)], 2)):
         out = tmp_path / name
         launch(launcher, "launch/train.py", [*common, *flags, "--per_device_train_batch_size", str(micro),
                                              "--output_dir", str(out)])
@@ -140,8 +140,8 @@ def test_backprop_on_a_task_with_dev_selection_under_zero3(tiny_models, real_dat
               "--num_train", "16", "--num_dev", "8", "--num_eval", "8", "--eval_steps", "2", "--max_steps", "4",
               "--trainer", "regular", "--learning_rate", "1e-3", "--train_as_classification", "--disable_tqdm",
               "--report_to", "none"]
-    launch("python", "launch/train.py", [*common, "--per_device_train_batch_size", "4", "--output_dir", str(tmp_path / "one")])
-    launch("deepspeed", "launch/train.py", [*common, "--ds_config", zero3_adamw(tmp_path), "--per_device_train_batch_size",
+    launch("one", "launch/train.py", [*common, "--per_device_train_batch_size", "4", "--output_dir", str(tmp_path / "one")])
+    launch("ranks", "launch/train.py", [*common, "--ds_config", zero3_adamw(tmp_path), "--per_device_train_batch_size",
                                             "2", "--output_dir", str(tmp_path / "z3")])
     one = json.loads((tmp_path / "one" / "eval_results.json").read_text())
     z3 = json.loads((tmp_path / "z3" / "eval_results.json").read_text())

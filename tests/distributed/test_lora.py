@@ -29,11 +29,11 @@ def max_diff(a: dict, b: dict) -> float:
 def lora_runs(tiny_models, text_file, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("lora")
     common = ["--model_name_or_path", str(tiny_models["llama"]), "--train_file", str(text_file), *ARGS]
-    launch("python", "launch/train.py", [*common, "--per_device_train_batch_size", "4", "--output_dir", str(tmp / "one")])
-    launch("torchrun", "launch/train.py", [*common, "--backend", "fsdp", "--per_device_train_batch_size", "2",
+    launch("one", "launch/train.py", [*common, "--per_device_train_batch_size", "4", "--output_dir", str(tmp / "one")])
+    launch("ranks", "launch/train.py", [*common, "--backend", "fsdp", "--per_device_train_batch_size", "2",
                                            "--output_dir", str(tmp / "two")])
     # Threshold 0: the adapters are partitioned too, not kept whole on every rank.
-    launch("deepspeed", "launch/train.py", [*common, "--ds_config", zero3_config(tmp, 0),
+    launch("ranks", "launch/train.py", [*common, "--ds_config", zero3_config(tmp, 0),
                                             "--per_device_train_batch_size", "2", "--output_dir", str(tmp / "zero3")])
     return tmp
 
@@ -47,7 +47,7 @@ def test_lora_sharded_matches_one_process_and_trains_only_adapters(layout, lora_
     assert max(v.abs().max().item() for v in b_weights) > 0, "LoRA B starts at zero; MeZO must have moved it"
 
 
-@pytest.mark.parametrize("launcher,flags", [("python", []), ("torchrun", ["--backend", "fsdp"])])
+@pytest.mark.parametrize("launcher,flags", [("one", []), ("ranks", ["--backend", "fsdp"])])
 def test_replay_rebuilds_lora_adapters(launcher, flags, lora_runs, tiny_models, tmp_path):
     launch(launcher, "launch/replay.py", ["--model_name_or_path", str(tiny_models["llama"]), "--lora", "--lora_r", "4",
                                           "--trajectory", str(lora_runs / "one" / "trajectory.jsonl"),

@@ -23,10 +23,10 @@ def runs(tiny_models, real_data, tmp_path_factory):
               "--data_dir", str(real_data), "--num_train", "16", "--num_dev", "4", "--num_eval", "8",
               "--max_steps", "4", "--learning_rate", "1e-2", "--zo_eps", "1e-3", "--train_as_classification",
               "--max_length", "96", "--disable_tqdm", "--report_to", "none"]
-    launch("python", "launch/train.py", [*common, "--per_device_train_batch_size", "4", "--output_dir", str(tmp / "one")])
-    launch("torchrun", "launch/train.py", [*common, "--backend", "fsdp", "--per_device_train_batch_size", "2",
+    launch("one", "launch/train.py", [*common, "--per_device_train_batch_size", "4", "--output_dir", str(tmp / "one")])
+    launch("ranks", "launch/train.py", [*common, "--backend", "fsdp", "--per_device_train_batch_size", "2",
                                            "--output_dir", str(tmp / "fsdp")])
-    launch("deepspeed", "launch/train.py", [*common, "--ds_config", "ds_configs/zero3.json",
+    launch("ranks", "launch/train.py", [*common, "--ds_config", "ds_configs/zero3.json",
                                             "--per_device_train_batch_size", "2", "--output_dir", str(tmp / "zero3")])
     return tmp
 

@@ -27,7 +27,7 @@ def test_offload_equals_no_offload(tiny_models, text_file, tmp_path):
     outs = {}
     for name in ("zero3", "zero3_offload"):
         outs[name] = tmp_path / name
-        launch("torchrun", "launch/train.py", ["--model_name_or_path", str(tiny_models["opt"]), "--train_file", str(text_file),
+        launch("ranks", "launch/train.py", ["--model_name_or_path", str(tiny_models["opt"]), "--train_file", str(text_file),
                                               "--ds_config", f"ds_configs/{name}.json", "--output_dir", str(outs[name]), *ARGS])
     a, b = weights(outs["zero3"] / "final"), weights(outs["zero3_offload"] / "final")
     start = weights(tiny_models["opt"])

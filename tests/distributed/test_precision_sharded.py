@@ -17,11 +17,11 @@ def rows(out):
     return [json.loads(line) for line in (out / "trajectory.jsonl").read_text().splitlines()]
 
 
-@pytest.mark.parametrize("launcher,flags", [("torchrun", ["--backend", "fsdp"]),
-                                            ("deepspeed", ["--ds_config", "ds_configs/zero3.json"])])
+@pytest.mark.parametrize("launcher,flags", [("ranks", ["--backend", "fsdp"]),
+                                            ("ranks", ["--ds_config", "ds_configs/zero3.json"])])
 def test_sharded_bf16_mezo_tracks_one_process(launcher, flags, tiny_models, text_file, tmp_path):
     common = ["--model_name_or_path", str(tiny_models["llama"]), "--train_file", str(text_file), *ARGS]
-    launch("python", "launch/train.py", [*common, "--per_device_train_batch_size", "4", "--output_dir", str(tmp_path / "one")])
+    launch("one", "launch/train.py", [*common, "--per_device_train_batch_size", "4", "--output_dir", str(tmp_path / "one")])
     launch(launcher, "launch/train.py", [*common, *flags, "--per_device_train_batch_size", "2",
                                          "--output_dir", str(tmp_path / "two")])
     one, two = rows(tmp_path / "one"), rows(tmp_path / "two")

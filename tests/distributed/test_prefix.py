@@ -19,11 +19,11 @@ ARGS = ["--prefix_tuning", "--num_prefix", "4", "--max_steps", "4", "--max_lengt
 def runs(tiny_models, text_file, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("prefix")
     common = ["--model_name_or_path", str(tiny_models["opt"]), "--train_file", str(text_file), *ARGS]
-    launch("python", "launch/train.py", [*common, "--per_device_train_batch_size", "4", "--output_dir", str(tmp / "one")])
-    launch("torchrun", "launch/train.py", [*common, "--backend", "fsdp", "--per_device_train_batch_size", "2",
+    launch("one", "launch/train.py", [*common, "--per_device_train_batch_size", "4", "--output_dir", str(tmp / "one")])
+    launch("ranks", "launch/train.py", [*common, "--backend", "fsdp", "--per_device_train_batch_size", "2",
                                            "--output_dir", str(tmp / "fsdp")])
     # Threshold 0: the prefix is partitioned too, not kept whole on every rank.
-    launch("deepspeed", "launch/train.py", [*common, "--ds_config", zero3_config(tmp, 0),
+    launch("ranks", "launch/train.py", [*common, "--ds_config", zero3_config(tmp, 0),
                                             "--per_device_train_batch_size", "2", "--output_dir", str(tmp / "zero3")])
     return tmp
 

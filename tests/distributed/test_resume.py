@@ -21,9 +21,9 @@ GLOBAL_BATCH = 4
 
 # name -> (launcher, extra flags builder, world size)
 LAYOUTS = {
-    "single1": ("python", lambda tmp: ["--backend", "single"], 1),
-    "fsdp2": ("torchrun", lambda tmp: ["--backend", "fsdp"], 2),
-    "zero3_2": ("torchrun", lambda tmp: ["--ds_config", zero3_config(tmp, None)], 2),
+    "single1": ("one", lambda tmp: ["--backend", "single"], 1),
+    "fsdp2": ("ranks", lambda tmp: ["--backend", "fsdp"], 2),
+    "zero3_2": ("ranks", lambda tmp: ["--ds_config", zero3_config(tmp, None)], 2),
 }
 
 

@@ -33,13 +33,13 @@ def read(out: Path) -> tuple[list[dict], dict]:
 
 
 @pytest.mark.parametrize("mode,launcher,backend", [
-    ("non_diff", "torchrun", "fsdp"),
-    ("non_diff", "torchrun", "zero3"),
-    ("classification", "deepspeed", "zero3"),
+    ("non_diff", "ranks", "fsdp"),
+    ("non_diff", "ranks", "zero3"),
+    ("classification", "ranks", "zero3"),
 ])
 def test_task_training_matches_one_process(mode, launcher, backend, tiny_models, real_data, tmp_path):
     model = tiny_models["opt"]
-    one = run("python", MODES[mode], 4, model, real_data, tmp_path / "one")
+    one = run("one", MODES[mode], 4, model, real_data, tmp_path / "one")
     extra = ["--backend", "fsdp"] if backend == "fsdp" else ["--ds_config", zero3_config(tmp_path, 0)]
     two = run(launcher, [*MODES[mode], *extra], 2, model, real_data, tmp_path / "two")
     (rows1, res1), (rows2, res2) = read(one), read(two)

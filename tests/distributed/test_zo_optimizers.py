@@ -89,7 +89,7 @@ FLAGS = {
     "sparse": ["--zo_optimizer", "sparse", "--zo_sparsity", "0.6", "--learning_rate", "1e-3"],
     "adamezo": ["--zo_optimizer", "adamezo", "--zo_history", "3", "--learning_rate", "1e-3"],
 }
-TRAIN_LAYOUTS = {"single": ("python", ["--backend", "single"], 1), "fsdp": ("ranks", ["--backend", "fsdp"], 2),
+TRAIN_LAYOUTS = {"single": ("one", ["--backend", "single"], 1), "fsdp": ("ranks", ["--backend", "fsdp"], 2),
                  "zero3": ("ranks", ["--ds_config", "ds_configs/zero3.json"], 2)}
 
 

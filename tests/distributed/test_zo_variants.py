@@ -28,14 +28,14 @@ def max_diff(a: dict, b: dict) -> float:
 @pytest.fixture(scope="module")
 def one_process(tiny_models, text_file, tmp_path_factory):
     out = tmp_path_factory.mktemp("zo_one")
-    launch("python", "launch/train.py", ["--model_name_or_path", str(tiny_models["opt"]), "--train_file", str(text_file),
+    launch("one", "launch/train.py", ["--model_name_or_path", str(tiny_models["opt"]), "--train_file", str(text_file),
                                          "--output_dir", str(out), "--per_device_train_batch_size", "4", *ARGS])
     return out
 
 
 @pytest.mark.parametrize("launcher,flags", [
-    ("torchrun", ["--backend", "fsdp"]),
-    ("deepspeed", ["--ds_config", "ds_configs/zero3.json"]),
+    ("ranks", ["--backend", "fsdp"]),
+    ("ranks", ["--ds_config", "ds_configs/zero3.json"]),
 ])
 def test_accumulated_multi_direction_mezo_matches_one_process(launcher, flags, one_process, tiny_models, text_file, tmp_path):
     out = tmp_path / "out"
@@ -55,7 +55,7 @@ def test_accumulated_multi_direction_mezo_matches_one_process(launcher, flags, o
 
 
 def test_replay_rebuilds_a_multi_direction_run(one_process, tiny_models, tmp_path):
-    launch("python", "launch/replay.py", ["--model_name_or_path", str(tiny_models["opt"]),
+    launch("one", "launch/replay.py", ["--model_name_or_path", str(tiny_models["opt"]),
                                           "--trajectory", str(one_process / "trajectory.jsonl"),
                                           "--output_dir", str(tmp_path / "rebuilt")])
     assert max_diff(weights(one_process / "final"), weights(tmp_path / "rebuilt")) <= 1e-6
