@@ -80,6 +80,13 @@ def _poisoned(closure: Closure) -> Closure:
     return wrapped
 
 
+def with_faults(micro: list[MicroBatch], step: int) -> list[MicroBatch]:
+    """Test-only: the micro-batches of a step ``faults.nan_steps`` names, their minus side NaN."""
+    if step not in faults.nan_steps():
+        return micro
+    return [MicroBatch(loss=_poisoned(mb.loss), weight=mb.weight) for mb in micro]
+
+
 class TextObjective:
     """Next-token loss over a JSON Lines file of texts."""
 
