@@ -32,7 +32,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as dist
 
 from mezo_dist import faults
 from mezo_dist.errors import ConfigError
@@ -48,19 +47,6 @@ def fingerprint(pieces: list[Piece]) -> str:
     """A digest of the trainable parameters' names and sizes: which model a checkpoint fits."""
     text = "\n".join(f"{p.name}:{p.full_numel}" for p in sorted(pieces, key=lambda p: p.name))
     return hashlib.sha256(text.encode()).hexdigest()[:16]
-
-
-def _gather(obj: Any) -> list[Any]:
-    if not (dist.is_initialized() and dist.get_world_size() > 1):
-        return [obj]
-    out: list[Any] = [None] * dist.get_world_size()
-    dist.all_gather_object(out, obj)
-    return out
-
-
-def _barrier() -> None:
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.barrier()
 
 
 def _owned(piece: Piece, state) -> bool:
@@ -117,7 +103,7 @@ def save_checkpoint(placement: Placement, path: str | Path, trainer_state: dict[
     tmp = final.with_name(f".{final.name}.tmp")
     if state.is_main:
         fresh_folder_beside(final, "tmp")
-    _barrier()
+    state.barrier()
 
     pieces = placement.pieces()
     file = f"rank-{state.rank:05d}.safetensors"
@@ -130,7 +116,7 @@ def save_checkpoint(placement: Placement, path: str | Path, trainer_state: dict[
     digest = write_safetensors(tmp / file, tensors, {"format": FORMAT})
     size = (tmp / file).stat().st_size
     faults.maybe_die_in_save(state.rank)
-    everyone = _gather({"chunks": chunks, "file": file, "size": size, "sha256": digest})
+    everyone = state.all_gather_object({"chunks": chunks, "file": file, "size": size, "sha256": digest})
     if state.is_main:
         index: dict[str, Any] = {"format": FORMAT, "params": {p.name: p.full_numel for p in pieces},
                                  "files": {}, "chunks": {}, "sha256": {}}
@@ -146,7 +132,7 @@ def save_checkpoint(placement: Placement, path: str | Path, trainer_state: dict[
         index["sha256"][STATE_FILE] = hashlib.sha256(text.encode()).hexdigest()
         atomic_write_text(tmp / "index.json", json.dumps(index) + "\n")
         publish_folder(tmp, final)
-    _barrier()
+    state.barrier()
     return final
 
 
@@ -259,7 +245,7 @@ def load_checkpoint(placement: Placement, path: str | Path) -> dict[str, Any]:
         _fill(placement, path, index)
     except ConfigError as e:
         error = str(e)
-    errors = [e for e in _gather(error) if e]
+    errors = [e for e in placement.state.all_gather_object(error) if e]
     if errors:
         raise ConfigError(errors[0])
     placement.after_edit()

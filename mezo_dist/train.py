@@ -180,7 +180,7 @@ def train(cfg: TrainConfig, state: DistState) -> dict[str, Any]:
 
 
 def _loop(cfg, state, placement, trainer, objective, evaluator, logger, start, skipped) -> int:
-    run, fields = cfg.run, resume_fields(cfg)
+    run, fields = cfg.run, resume_fields(cfg, state.world_size)
     for step in range(start, run.max_steps):
         faults.maybe_kill(state.rank, step)
         faults.maybe_stall(state.rank, step)

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from mezo_dist.distributed import DistState, all_reduce_sum
+from mezo_dist.distributed import DistState
 
 
 @dataclass(frozen=True)
@@ -104,7 +104,7 @@ class Placement(ABC):
 
     def all_reduce_sum(self, t: torch.Tensor) -> torch.Tensor:
         """Sum over the ranks that hold different data. One collective."""
-        return all_reduce_sum(t)
+        return self.state.all_reduce_sum(t)
 
     def eval(self) -> None:
         # Forward passes of MeZO must be deterministic: dropout off.
