@@ -48,10 +48,12 @@ def _main(argv: list[str] | None) -> int:
     from mezo_dist.checkpoint import resume_hint
 
     interrupt.describe_with(lambda: resume_hint(cfg.run.output_dir))
-    from mezo_dist.train import train
+    from mezo_dist import faults
+    from mezo_dist.train import RunHooks, train
 
     def body(state) -> int:
-        summary = train(cfg, state)
+        # The tests' fault injection, attached from here when its environment asks for it.
+        summary = train(cfg, state, faults.install(RunHooks(), state.rank))
         if state.is_main and "steps" in summary:
             print(f"done: {summary['steps']} steps on {summary['backend']} x{summary['world_size']}; "
                   f"model in {cfg.run.output_dir}/final", flush=True)

@@ -7,16 +7,14 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
-from mezo_dist import faults
 from mezo_dist.checkpoint import load_checkpoint, rotate_checkpoints, save_checkpoint
 from mezo_dist.config import TEXT_MAX_LENGTH, TrainConfig, resume_fields
 from mezo_dist.distributed import DistState
 from mezo_dist.errors import TrainingError
 from mezo_dist.export import save_pretrained
 from mezo_dist.metrics import RunLogger
-from mezo_dist.objectives import with_faults
 from mezo_dist.models import DTYPES, load_config, load_tokenizer, max_positions
 from mezo_dist.placement.base import Placement
 from mezo_dist.placement.build import build_placement
@@ -46,6 +44,19 @@ def build_trainer(cfg: TrainConfig, placement: Placement) -> Trainer:
                             seed=cfg.run.seed, num_directions=zo.zo_num_directions, perturbation=zo.zo_perturbation,
                             kernel=zo.zo_kernel, precision=zo.precision if compute_dtype(cfg) is not None else None,
                             **optimizers.hyper_from_args(zo.zo_optimizer, zo))
+
+
+@dataclass
+class RunHooks:
+    """Callbacks the loop runs at fixed points, empty in a normal run: what the tests' fault
+    injection attaches to (``faults.install``), so that the loop itself holds none of it."""
+
+    before_step: list[Callable[[int], None]] = field(default_factory=list)
+    # (step, this rank's micro-batches) -> the micro-batches the trainer is given
+    micro_batches: list[Callable[[int, list], list]] = field(default_factory=list)
+    after_step: list[Callable[[int, Placement], None]] = field(default_factory=list)
+    # this rank's checkpoint file is written, the checkpoint not yet published
+    checkpoint_written: list[Callable[[], None]] = field(default_factory=list)
 
 
 @dataclass
@@ -121,8 +132,8 @@ class Evaluator:
         return metrics.get(f"{split}_accuracy", metrics.get(f"{split}_f1", float("nan")))
 
 
-def train(cfg: TrainConfig, state: DistState) -> dict[str, Any]:
-    run = cfg.run
+def train(cfg: TrainConfig, state: DistState, hooks: RunHooks | None = None) -> dict[str, Any]:
+    run, hooks = cfg.run, hooks or RunHooks()
     tokenizer = load_tokenizer(cfg.model.model_name_or_path, trust_remote_code=cfg.model.trust_remote_code)
     objective, sets = build_objective(cfg, state, tokenizer)
     regular = cfg.bp.trainer == "regular"
@@ -157,7 +168,7 @@ def train(cfg: TrainConfig, state: DistState) -> dict[str, Any]:
             results.update({k.replace("initial_", ""): v for k, v in results.items()})
             logger.write_json("eval_results.json", results)
             return results
-        skipped = _loop(cfg, state, placement, trainer, objective, evaluator, logger, start, skipped)
+        skipped = _loop(cfg, state, placement, trainer, objective, evaluator, logger, hooks, start, skipped)
         if evaluator.best is not None:
             best_metric, best_step = evaluator.best
             load_checkpoint(placement, f"{run.output_dir}/checkpoint-best")
@@ -179,14 +190,16 @@ def train(cfg: TrainConfig, state: DistState) -> dict[str, Any]:
         logger.close()
 
 
-def _loop(cfg, state, placement, trainer, objective, evaluator, logger, start, skipped) -> int:
+def _loop(cfg, state, placement, trainer, objective, evaluator, logger, hooks, start, skipped) -> int:
     run, fields = cfg.run, resume_fields(cfg, state.world_size)
     for step in range(start, run.max_steps):
-        faults.maybe_kill(state.rank, step)
-        faults.maybe_stall(state.rank, step)
+        for hook in hooks.before_step:
+            hook(step)
         t0 = time.perf_counter()
         micro, units = objective.micro_batches(placement, step)
-        rec = trainer.train_step(with_faults(micro, step))
+        for wrap in hooks.micro_batches:
+            micro = wrap(step, micro)
+        rec = trainer.train_step(micro)
         dt = time.perf_counter() - t0
         logger.trajectory(rec.row)
         logger.scalars(step, {**rec.scalars, "perf/step_time_s": dt, f"perf/{objective.unit}_per_s": units / dt})
@@ -200,7 +213,8 @@ def _loop(cfg, state, placement, trainer, objective, evaluator, logger, start, s
                     f"{skipped} steps had a non-finite loss, more than --max_skipped_steps {run.max_skipped_steps}"
                 )
         done = step + 1
-        faults.maybe_drift(state.rank, step, placement)
+        for hook in hooks.after_step:
+            hook(step, placement)
         if run.check_replicas_steps and placement.replicated and done % run.check_replicas_steps == 0:
             check_replicas(placement, step=done)
         if run.logging_steps and done % run.logging_steps == 0:
@@ -211,14 +225,16 @@ def _loop(cfg, state, placement, trainer, objective, evaluator, logger, start, s
             if evaluator.best is None or metric > evaluator.best[0]:
                 evaluator.best = (metric, done)
                 save_checkpoint(placement, f"{run.output_dir}/checkpoint-best",
-                                {"step": done, "skipped_steps": skipped, "backend": run.backend, "run": fields})
+                                {"step": done, "skipped_steps": skipped, "backend": run.backend, "run": fields},
+                                before_publish=hooks.checkpoint_written)
         trainer_state = {"step": done, "skipped_steps": skipped, "backend": run.backend, "run": fields,
                          "best": evaluator.best}
         opt_state = trainer.state_dict()
         if opt_state is not None:  # what a resume needs beyond the parameters (sparse thresholds, adamezo history)
             trainer_state["optimizer_state"] = opt_state
         if run.save_steps and done % run.save_steps == 0:
-            save_checkpoint(placement, f"{run.output_dir}/checkpoint-{done}", trainer_state)
+            save_checkpoint(placement, f"{run.output_dir}/checkpoint-{done}", trainer_state,
+                            before_publish=hooks.checkpoint_written)
             if state.is_main:
                 rotate_checkpoints(run.output_dir, run.save_total_limit)
     return skipped
