@@ -48,7 +48,7 @@ def fingerprint(pieces: list[Piece]) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def _owned(piece: Piece, state) -> bool:
+def owns_piece(piece: Piece, state) -> bool:
     """Whether this rank writes ``piece``: a replica once (rank 0); a shard once per element, so
     under hybrid sharding only the first replica group (ranks 0 .. world / replicas - 1)."""
     if not piece.shard:
@@ -112,7 +112,7 @@ def save_checkpoint(placement: Placement, path: str | Path, trainer_state: dict[
     file = f"rank-{state.rank:05d}.safetensors"
     tensors, chunks = {}, []
     for p in pieces:
-        if _owned(p, state) and p.local.numel() > 0:
+        if owns_piece(p, state) and p.local.numel() > 0:
             key = f"{p.name}|{p.offset}"
             tensors[key] = p.local
             chunks.append([p.name, file, key, p.offset, p.local.numel()])
@@ -129,7 +129,7 @@ def save_checkpoint(placement: Placement, path: str | Path, trainer_state: dict[
             index["sha256"][part["file"]] = part["sha256"]
             for name, f, key, offset, count in part["chunks"]:
                 index["chunks"].setdefault(name, []).append([f, key, offset, count])
-        _check_coverage(index, where=str(final))
+        check_coverage(index, where=str(final))
         trainer_state = dict(trainer_state, fingerprint=fingerprint(pieces), world_size=state.world_size)
         text = json.dumps(trainer_state, indent=2) + "\n"
         atomic_write_text(tmp / STATE_FILE, text)
@@ -140,7 +140,8 @@ def save_checkpoint(placement: Placement, path: str | Path, trainer_state: dict[
     return final
 
 
-def _check_coverage(index: dict[str, Any], *, where: str) -> None:
+def check_coverage(index: dict[str, Any], *, where: str) -> None:
+    """Every parameter of the index covered by its chunks, once, from element 0 to its end."""
     for name, numel in index["params"].items():
         covered = 0
         for _, _, offset, count in sorted(index["chunks"].get(name, []), key=lambda c: c[2]):
@@ -232,7 +233,7 @@ def read_checkpoint_meta(path: str | Path) -> tuple[dict[str, Any], dict[str, An
             raise ConfigError(f"checkpoint {path} is incomplete: {file} is missing")
         if f.stat().st_size != size:
             raise ConfigError(f"checkpoint {path} is truncated: {file} has {f.stat().st_size} of {size} bytes")
-    _check_coverage(index, where=str(path))
+    check_coverage(index, where=str(path))
     return index, trainer_state
 
 

@@ -90,7 +90,8 @@ class BalancedForward:
         return self.dummies
 
 
-def _dummy_token(tokenizer) -> int:
+def dummy_token(tokenizer) -> int:
+    """A valid token id for the balancing forwards of :class:`BalancedForward`."""
     for tid in (tokenizer.pad_token_id, tokenizer.eos_token_id, tokenizer.bos_token_id):
         if tid is not None:
             return int(tid)
@@ -144,7 +145,7 @@ def evaluate_task(
     index = list(range(rank, len(samples), world))
     share = [samples[i] for i in index]
 
-    forward = BalancedForward(placement, token_id=_dummy_token(tokenizer), num_samples=len(samples))
+    forward = BalancedForward(placement, token_id=dummy_token(tokenizer), num_samples=len(samples))
     placement.eval()
     correct = f1_sum = em_sum = 0.0
     with torch.no_grad():

@@ -163,11 +163,11 @@ class TaskObjective:
         from mezo_dist.scoring import predict
 
         if self.non_diff == "f1":
-            from mezo_dist.evaluate import BalancedForward, _dummy_token
+            from mezo_dist.evaluate import BalancedForward, dummy_token
 
             # Generation stops at different lengths on different ranks, and every forward of a
             # sharded model is collective: the ranks agree before each forward, pad with dummies.
-            forward = BalancedForward(placement, token_id=_dummy_token(self.tokenizer), num_samples=len(mine))
+            forward = BalancedForward(placement, token_id=dummy_token(self.tokenizer), num_samples=len(mine))
             preds = greedy_generate(forward, self.tokenizer, [s.context for s in mine], device=self.device,
                                     max_new_tokens=self.max_new_tokens, max_length=self.max_length,
                                     batch_size=None, use_cache=supports_kv_cache(placement.module))

@@ -45,7 +45,7 @@ class StepResult:
     directions: tuple[tuple[int, float], ...] = ()
 
 
-def _split(out: LossOut) -> tuple[torch.Tensor, torch.Tensor]:
+def split_loss(out: LossOut) -> tuple[torch.Tensor, torch.Tensor]:
     """A closure returns a mean loss, or (sum of losses, weight) for exact weighted averaging."""
     if isinstance(out, tuple):
         total, weight = out
@@ -170,9 +170,9 @@ class MeZO:
         weight = torch.zeros((), dtype=torch.float64)
         for k, seed in enumerate(seeds):
             self.perturb(seed, self.eps)
-            plus, weight = _split(closure())
+            plus, weight = split_loss(closure())
             self.perturb(seed, -2.0 * self.eps)
-            minus, _ = _split(closure())
+            minus, _ = split_loss(closure())
             measured += [plus, minus]
             if k < len(seeds) - 1:
                 self.perturb(seed, self.eps)  # back to theta for the next direction
