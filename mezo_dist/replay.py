@@ -99,7 +99,7 @@ def _main(argv: list[str] | None) -> int:
     from mezo_dist.cli import run_on_ranks
     from mezo_dist.export import save_pretrained
     from mezo_dist.models import load_tokenizer
-    from mezo_dist.train import build_placement
+    from mezo_dist.placement.build import build_placement
 
     def body(state) -> int:
         compute = None
