@@ -61,8 +61,9 @@ def _main(argv: list[str] | None) -> int:
             print(f"done: evaluation only; metrics in {cfg.run.output_dir}/eval_results.json", flush=True)
         return 0
 
-    return run_on_ranks(body, use_deepspeed=cfg.run.backend == "zero3", need_group=cfg.run.backend == "fsdp",
-                        hsdp_replicas=cfg.run.hsdp_replicas)
+    from mezo_dist.placement.build import group_needs
+
+    return run_on_ranks(body, **group_needs(cfg.run.backend), hsdp_replicas=cfg.run.hsdp_replicas)
 
 
 def run_on_ranks(body: Callable[[Any], int], **init_kwargs: Any) -> int:

@@ -15,6 +15,13 @@ from mezo_dist.distributed import DistState
 from mezo_dist.placement.base import Placement
 
 
+def group_needs(backend: str) -> dict[str, bool]:
+    """What ``backend`` needs of the process group before it builds (``init_distributed``'s
+    keywords): DeepSpeed's communication layer for zero3 (even on one process), a group for the
+    device mesh of fsdp (even on one process)."""
+    return {"use_deepspeed": backend == "zero3", "need_group": backend == "fsdp"}
+
+
 def build_placement(
     m: Any, state: DistState, *, backend: str, ds_config: str | None, micro_batch: int,
     accumulation: int = 1, backprop: Any = None, learning_rate: float = 0.0,
