@@ -29,12 +29,10 @@ import re
 import shutil
 import struct
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Sequence
 
 import torch
-import torch.distributed as dist
 
-from mezo_dist import faults
 from mezo_dist.errors import ConfigError
 from mezo_dist.io import atomic_write_text, fresh_folder_beside, inside, publish_folder, sha256_file
 from mezo_dist.placement.base import Piece, Placement
@@ -50,20 +48,7 @@ def fingerprint(pieces: list[Piece]) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def _gather(obj: Any) -> list[Any]:
-    if not (dist.is_initialized() and dist.get_world_size() > 1):
-        return [obj]
-    out: list[Any] = [None] * dist.get_world_size()
-    dist.all_gather_object(out, obj)
-    return out
-
-
-def _barrier() -> None:
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.barrier()
-
-
-def _owned(piece: Piece, state) -> bool:
+def owns_piece(piece: Piece, state) -> bool:
     """Whether this rank writes ``piece``: a replica once (rank 0); a shard once per element, so
     under hybrid sharding only the first replica group (ranks 0 .. world / replicas - 1)."""
     if not piece.shard:
@@ -110,27 +95,32 @@ def write_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: di
     return digest.hexdigest()
 
 
-def save_checkpoint(placement: Placement, path: str | Path, trainer_state: dict[str, Any]) -> Path:
-    """Write a checkpoint of the trainable parameters and ``trainer_state``. Collective."""
+def save_checkpoint(placement: Placement, path: str | Path, trainer_state: dict[str, Any], *,
+                    before_publish: Sequence[Callable[[], None]] = ()) -> Path:
+    """Write a checkpoint of the trainable parameters and ``trainer_state``. Collective.
+
+    ``before_publish``: called once this rank's file is written, before the folder is published
+    (the tests' rank that dies mid-save, ``faults.py``)."""
     state = placement.state
     final = Path(path)
     tmp = final.with_name(f".{final.name}.tmp")
     if state.is_main:
         fresh_folder_beside(final, "tmp")
-    _barrier()
+    state.barrier()
 
     pieces = placement.pieces()
     file = f"rank-{state.rank:05d}.safetensors"
     tensors, chunks = {}, []
     for p in pieces:
-        if _owned(p, state) and p.local.numel() > 0:
+        if owns_piece(p, state) and p.local.numel() > 0:
             key = f"{p.name}|{p.offset}"
             tensors[key] = p.local
             chunks.append([p.name, file, key, p.offset, p.local.numel()])
     digest = write_safetensors(tmp / file, tensors, {"format": FORMAT})
     size = (tmp / file).stat().st_size
-    faults.maybe_die_in_save(state.rank)
-    everyone = _gather({"chunks": chunks, "file": file, "size": size, "sha256": digest})
+    for hook in before_publish:
+        hook()
+    everyone = state.all_gather_object({"chunks": chunks, "file": file, "size": size, "sha256": digest})
     if state.is_main:
         index: dict[str, Any] = {"format": FORMAT, "params": {p.name: p.full_numel for p in pieces},
                                  "files": {}, "chunks": {}, "sha256": {}}
@@ -139,18 +129,19 @@ def save_checkpoint(placement: Placement, path: str | Path, trainer_state: dict[
             index["sha256"][part["file"]] = part["sha256"]
             for name, f, key, offset, count in part["chunks"]:
                 index["chunks"].setdefault(name, []).append([f, key, offset, count])
-        _check_coverage(index, where=str(final))
+        check_coverage(index, where=str(final))
         trainer_state = dict(trainer_state, fingerprint=fingerprint(pieces), world_size=state.world_size)
         text = json.dumps(trainer_state, indent=2) + "\n"
         atomic_write_text(tmp / STATE_FILE, text)
         index["sha256"][STATE_FILE] = hashlib.sha256(text.encode()).hexdigest()
         atomic_write_text(tmp / "index.json", json.dumps(index) + "\n")
         publish_folder(tmp, final)
-    _barrier()
+    state.barrier()
     return final
 
 
-def _check_coverage(index: dict[str, Any], *, where: str) -> None:
+def check_coverage(index: dict[str, Any], *, where: str) -> None:
+    """Every parameter of the index covered by its chunks, once, from element 0 to its end."""
     for name, numel in index["params"].items():
         covered = 0
         for _, _, offset, count in sorted(index["chunks"].get(name, []), key=lambda c: c[2]):
@@ -242,7 +233,7 @@ def read_checkpoint_meta(path: str | Path) -> tuple[dict[str, Any], dict[str, An
             raise ConfigError(f"checkpoint {path} is incomplete: {file} is missing")
         if f.stat().st_size != size:
             raise ConfigError(f"checkpoint {path} is truncated: {file} has {f.stat().st_size} of {size} bytes")
-    _check_coverage(index, where=str(path))
+    check_coverage(index, where=str(path))
     return index, trainer_state
 
 
@@ -259,7 +250,7 @@ def load_checkpoint(placement: Placement, path: str | Path) -> dict[str, Any]:
         _fill(placement, path, index)
     except ConfigError as e:
         error = str(e)
-    errors = [e for e in _gather(error) if e]
+    errors = [e for e in placement.state.all_gather_object(error) if e]
     if errors:
         raise ConfigError(errors[0])
     placement.after_edit()

@@ -48,10 +48,12 @@ def _main(argv: list[str] | None) -> int:
     from mezo_dist.checkpoint import resume_hint
 
     interrupt.describe_with(lambda: resume_hint(cfg.run.output_dir))
-    from mezo_dist.train import train
+    from mezo_dist import faults
+    from mezo_dist.train import RunHooks, train
 
     def body(state) -> int:
-        summary = train(cfg, state)
+        # The tests' fault injection, attached from here when its environment asks for it.
+        summary = train(cfg, state, faults.install(RunHooks(), state.rank))
         if state.is_main and "steps" in summary:
             print(f"done: {summary['steps']} steps on {summary['backend']} x{summary['world_size']}; "
                   f"model in {cfg.run.output_dir}/final", flush=True)
@@ -59,8 +61,9 @@ def _main(argv: list[str] | None) -> int:
             print(f"done: evaluation only; metrics in {cfg.run.output_dir}/eval_results.json", flush=True)
         return 0
 
-    return run_on_ranks(body, use_deepspeed=cfg.run.backend == "zero3", need_group=cfg.run.backend == "fsdp",
-                        hsdp_replicas=cfg.run.hsdp_replicas)
+    from mezo_dist.placement.build import group_needs
+
+    return run_on_ranks(body, **group_needs(cfg.run.backend), hsdp_replicas=cfg.run.hsdp_replicas)
 
 
 def run_on_ranks(body: Callable[[Any], int], **init_kwargs: Any) -> int:

@@ -530,18 +530,14 @@ def validate_backprop(cfg: TrainConfig) -> None:
 
 
 def validate_hsdp(run: RunArguments) -> None:
-    """The 2-D mesh needs a world size that the replica count divides (read from the launcher)."""
-    from mezo_dist.distributed import env_world
-
+    """The flag alone; that the replica count divides the world size is checked where the world
+    is known (``distributed.init_distributed``)."""
     if run.hsdp_replicas == 1:
         return
     if run.hsdp_replicas < 1:
         raise ConfigError(f"--hsdp_replicas must be >= 1, got {run.hsdp_replicas}")
     if run.backend != "fsdp":
         raise ConfigError(f"--hsdp_replicas is for the fsdp backend, not {run.backend}")
-    world = env_world()[1]
-    if world % run.hsdp_replicas:
-        raise ConfigError(f"--hsdp_replicas {run.hsdp_replicas} does not divide the world size {world}")
 
 
 def check_masked_lm(cfg: TrainConfig) -> None:
@@ -564,17 +560,17 @@ def check_masked_lm(cfg: TrainConfig) -> None:
                           f"{cfg.model.model_name_or_path} is a masked LM")
 
 
-def resume_fields(cfg: TrainConfig) -> dict[str, Any]:
-    """What a resumed run must share with the run that wrote the checkpoint, for equal results."""
+def resume_fields(cfg: TrainConfig, world_size: int) -> dict[str, Any]:
+    """What a resumed run of ``world_size`` ranks must share with the run that wrote the
+    checkpoint, for equal results."""
     from mezo_dist.data import file_digest
-    from mezo_dist.distributed import env_world
 
     fields = {
         "seed": cfg.run.seed,  # the run seed (a trajectory row's "seed" is its step seed)
         "zo_eps": cfg.zo.zo_eps, "weight_decay": cfg.zo.weight_decay,
         "learning_rate": cfg.zo.learning_rate, "lr_scheduler_type": cfg.zo.lr_scheduler_type,
         "warmup_steps": cfg.zo.warmup_steps, "max_length": cfg.data.max_length,
-        "global_batch": cfg.run.per_device_train_batch_size * env_world()[1] * cfg.run.gradient_accumulation_steps,
+        "global_batch": cfg.run.per_device_train_batch_size * world_size * cfg.run.gradient_accumulation_steps,
         "trainer": cfg.bp.trainer,
     }
     if cfg.zo.zo_num_directions != 1:

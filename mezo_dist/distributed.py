@@ -12,6 +12,7 @@ import os
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -29,6 +30,38 @@ class DistState:
     @property
     def is_main(self) -> bool:
         return self.rank == 0
+
+    # -- the collectives of the code outside the engines: through the state they were given,
+    # never the global group looked up (a state of one rank issues none).
+
+    @property
+    def grouped(self) -> bool:
+        """Whether a collective reaches other ranks: several ranks under a started process group."""
+        return self.world_size > 1 and dist.is_initialized()
+
+    def all_reduce_sum(self, t: torch.Tensor) -> torch.Tensor:
+        """Sum ``t`` over all ranks in place."""
+        if self.grouped:
+            dist.all_reduce(t, op=dist.ReduceOp.SUM)
+        return t
+
+    def all_reduce_max(self, t: torch.Tensor) -> torch.Tensor:
+        """Elementwise maximum of ``t`` over all ranks, in place."""
+        if self.grouped:
+            dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return t
+
+    def all_gather_object(self, obj: Any) -> list[Any]:
+        """Every rank's ``obj`` (picklable), in rank order."""
+        if not self.grouped:
+            return [obj]
+        out: list[Any] = [None] * self.world_size
+        dist.all_gather_object(out, obj)
+        return out
+
+    def barrier(self) -> None:
+        if self.grouped:
+            dist.barrier()
 
 
 
@@ -56,6 +89,11 @@ def init_distributed(
     (FSDP2's device mesh needs one).
     """
     rank, world, local = env_world()
+    if hsdp_replicas > 1 and world % hsdp_replicas:
+        # Checked here, where the world size is known, before any rank waits in a rendezvous.
+        from mezo_dist.errors import ConfigError
+
+        raise ConfigError(f"--hsdp_replicas {hsdp_replicas} does not divide the world size {world}")
     device = default_device(local)
     if device.type == "cuda":
         torch.cuda.set_device(device)
@@ -137,13 +175,6 @@ def teardown(*, clean: bool = True) -> None:
             with contextlib.suppress(Exception):
                 dist.barrier()
         dist.destroy_process_group()
-
-
-def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
-    """Sum ``t`` over all ranks in place (no-op without a process group)."""
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(t, op=dist.ReduceOp.SUM)
-    return t
 
 
 def current_state() -> DistState:

@@ -26,7 +26,8 @@ from mezo_dist.errors import ConfigError
 from mezo_dist.tasks.base import Sample
 
 
-def _pad_id(tokenizer) -> int:
+def pad_id(tokenizer) -> int:
+    """The id that pads a batch: the tokenizer's pad token, else its end-of-sequence token."""
     for tid in (tokenizer.pad_token_id, tokenizer.eos_token_id):
         if tid is not None:
             return int(tid)
@@ -47,7 +48,7 @@ def _left_truncate(ids: list[int], max_length: int, bos_id: int | None) -> tuple
     return ids[:head] + ids[head + cut:], cut
 
 
-def _encode_pairs(tokenizer, pairs: Sequence[tuple[str, str]], max_length: int | None) -> list[tuple[list[int], int]]:
+def encode_pairs(tokenizer, pairs: Sequence[tuple[str, str]], max_length: int | None) -> list[tuple[list[int], int]]:
     """Token ids of ``context + continuation`` and the index where the continuation's tokens start.
 
     For a masked LM the ids are ``[CLS] context continuation`` (no special tokens from the
@@ -154,7 +155,7 @@ def encode_groups(tokenizer, groups: Sequence[tuple[str, Sequence[str]]], max_le
     """
     masked = is_masked_lm(tokenizer)
     pairs = [(context, cont) for context, conts in groups for cont in conts]
-    encoded = _encode_pairs(tokenizer, pairs, max_length)
+    encoded = encode_pairs(tokenizer, pairs, max_length)
     out = Encoded(rows=[], tokens=[], lengths=[])
     k = 0
     for _, conts in groups:
@@ -228,4 +229,4 @@ def target_token_count(tokenizer, samples: Sequence[Sample], *, max_length: int 
     """How many gold-target tokens ``candidate_loss(..., as_classification=False)`` sums over,
     known without a forward."""
     pairs = [(s.context, s.target) for s in samples]
-    return sum(len(ids) - start for ids, start in _encode_pairs(tokenizer, pairs, max_length))
+    return sum(len(ids) - start for ids, start in encode_pairs(tokenizer, pairs, max_length))

@@ -16,7 +16,6 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
-import torch.distributed as dist
 
 from mezo_dist.errors import ConfigError
 from mezo_dist.metrics_text import exact_match, f1
@@ -29,9 +28,10 @@ from mezo_dist.tasks.base import Sample
 
 def _world(placement: Placement) -> int:
     """Ranks to coordinate with; 1 means no collective is issued."""
-    if placement.state.world_size > 1 and not dist.is_initialized():
-        raise RuntimeError(f"state says {placement.state.world_size} ranks but no process group is started")
-    return dist.get_world_size() if dist.is_initialized() else 1
+    state = placement.state
+    if state.world_size > 1 and not state.grouped:
+        raise RuntimeError(f"state says {state.world_size} ranks but no process group is started")
+    return state.world_size if state.grouped else 1
 
 
 class BalancedForward:
@@ -66,7 +66,7 @@ class BalancedForward:
         n = self.num_samples
         # max(n) and max(-n) give max and min: they agree only if every rank passed the same n.
         t = torch.tensor([int(want), n, -n], dtype=torch.long, device=self.placement.state.device)
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        self.placement.state.all_reduce_max(t)
         wanted, n_max, neg_n_min = (int(v) for v in t.tolist())
         if n_max != -neg_n_min:
             raise ValueError(f"ranks were given different numbers of samples (from {-neg_n_min} to {n_max})")
@@ -90,7 +90,8 @@ class BalancedForward:
         return self.dummies
 
 
-def _dummy_token(tokenizer) -> int:
+def dummy_token(tokenizer) -> int:
+    """A valid token id for the balancing forwards of :class:`BalancedForward`."""
     for tid in (tokenizer.pad_token_id, tokenizer.eos_token_id, tokenizer.bos_token_id):
         if tid is not None:
             return int(tid)
@@ -144,7 +145,7 @@ def evaluate_task(
     index = list(range(rank, len(samples), world))
     share = [samples[i] for i in index]
 
-    forward = BalancedForward(placement, token_id=_dummy_token(tokenizer), num_samples=len(samples))
+    forward = BalancedForward(placement, token_id=dummy_token(tokenizer), num_samples=len(samples))
     placement.eval()
     correct = f1_sum = em_sum = 0.0
     with torch.no_grad():

@@ -16,7 +16,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from mezo_dist.encoding import _pad_id, prompt_ids
+from mezo_dist.encoding import pad_id, prompt_ids
 from mezo_dist.errors import ConfigError
 from mezo_dist.logits import Forward, kept_logits
 
@@ -34,7 +34,7 @@ def _decode(forward: Forward, tokenizer, prompts: list[list[int]], *, device, ma
     from transformers import DynamicCache
 
     n, width = len(prompts), max(len(p) for p in prompts)
-    pad, eos = _pad_id(tokenizer), tokenizer.eos_token_id
+    pad, eos = pad_id(tokenizer), tokenizer.eos_token_id
     seq = torch.full((n, width), pad, dtype=torch.long)
     mask = torch.zeros((n, width), dtype=torch.long)
     for i, p in enumerate(prompts):

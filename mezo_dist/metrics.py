@@ -18,7 +18,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as dist
 
 from mezo_dist.distributed import DistState
 from mezo_dist import trajectory
@@ -59,11 +58,7 @@ def reset_peak_memory(device: torch.device) -> None:
 
 def gather_peak_memory(state: DistState) -> list[int]:
     mine = peak_memory_bytes(state.device)
-    if not (dist.is_initialized() and state.world_size > 1):
-        return [mine]
-    out: list[Any] = [None] * state.world_size
-    dist.all_gather_object(out, mine)
-    return [int(x) for x in out]
+    return [int(x) for x in state.all_gather_object(mine)]
 
 
 def tracker_names(report_to: str) -> list[str]:

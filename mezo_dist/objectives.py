@@ -13,7 +13,6 @@ from typing import Any, Callable
 import torch
 import torch.nn.functional as F
 
-from mezo_dist import faults
 from mezo_dist.data import GlobalOrder, TextBatches
 from mezo_dist.placement.base import Placement
 from mezo_dist.tasks.base import Sample
@@ -68,18 +67,6 @@ def causal_lm_loss(placement: Placement, batch: dict[str, torch.Tensor]) -> tupl
     return per_token.double().sum(), (targets != -100).sum()
 
 
-def _poisoned(closure: Closure) -> Closure:
-    """Test-only: the second call (the minus side) returns NaN."""
-    calls = {"n": 0}
-
-    def wrapped():
-        total, weight = closure()
-        calls["n"] += 1
-        return (total * float("nan"), weight) if calls["n"] == 2 else (total, weight)
-
-    return wrapped
-
-
 class TextObjective:
     """Next-token loss over a JSON Lines file of texts."""
 
@@ -102,8 +89,7 @@ class TextObjective:
     def closure(self, placement: Placement, step: int) -> tuple[Closure, int]:
         """(closure for MeZO, tokens in the global batch)."""
         micro, tokens = self.micro_batches(placement, step)
-        fn = summed(micro)
-        return (_poisoned(fn) if step in faults.nan_steps() else fn), tokens
+        return summed(micro), tokens
 
 
 class TaskObjective:
@@ -160,8 +146,7 @@ class TaskObjective:
     def closure(self, placement: Placement, step: int) -> tuple[Closure, int]:
         """(closure for MeZO, examples in the global batch)."""
         micro, units = self.micro_batches(placement, step)
-        fn = summed(micro)
-        return (_poisoned(fn) if step in faults.nan_steps() else fn), units
+        return summed(micro), units
 
     def _loss(self, placement: Placement, mine: list[Sample], shape):
         from mezo_dist.scoring import candidate_loss
@@ -178,11 +163,11 @@ class TaskObjective:
         from mezo_dist.scoring import predict
 
         if self.non_diff == "f1":
-            from mezo_dist.evaluate import BalancedForward, _dummy_token
+            from mezo_dist.evaluate import BalancedForward, dummy_token
 
             # Generation stops at different lengths on different ranks, and every forward of a
             # sharded model is collective: the ranks agree before each forward, pad with dummies.
-            forward = BalancedForward(placement, token_id=_dummy_token(self.tokenizer), num_samples=len(mine))
+            forward = BalancedForward(placement, token_id=dummy_token(self.tokenizer), num_samples=len(mine))
             preds = greedy_generate(forward, self.tokenizer, [s.context for s in mine], device=self.device,
                                     max_new_tokens=self.max_new_tokens, max_length=self.max_length,
                                     batch_size=None, use_cache=supports_kv_cache(placement.module))

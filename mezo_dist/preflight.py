@@ -3,6 +3,10 @@
 The flag checks in :mod:`mezo_dist.config` are pure; these open what the flags name, the way the
 run will: the train file, the model folder, the ds_config (through DeepSpeed's own config
 classes), and the output folder with the resume policy. Each problem is one ConfigError line.
+
+Bad input must stop every rank before any of them waits in a rendezvous, so the world size these
+checks need (the ds_config's batch sizes, a checkpoint's global batch) is the one the launcher
+exported (:func:`distributed.env_world`), the same the process group is then started with.
 """
 
 from __future__ import annotations
@@ -10,6 +14,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from mezo_dist.config import PRECISIONS, TrainConfig, read_ds_config, resume_fields, validate_max_length
+from mezo_dist.distributed import env_world
 from mezo_dist.errors import ConfigError
 
 
@@ -17,7 +22,6 @@ def check_inputs(cfg: TrainConfig) -> None:
     """The files the flags name, read as the run will read them (I/O): the train file, the model
     folder, the ds_config through DeepSpeed's own config classes."""
     from mezo_dist.data import read_jsonl
-    from mezo_dist.distributed import env_world
     from mezo_dist.models import check_model_folder, max_positions
 
     if cfg.data.train_file is not None:
@@ -62,7 +66,7 @@ def check_output_dir(cfg: TrainConfig) -> None:
             return
     if run.resume_from_checkpoint is not None:
         _, state = read_checkpoint_meta(run.resume_from_checkpoint)
-        saved, now = state.get("run", {}), resume_fields(cfg)
+        saved, now = state.get("run", {}), resume_fields(cfg, env_world()[1])
         for key, value in now.items():
             if key in saved and saved[key] != value:
                 raise ConfigError(

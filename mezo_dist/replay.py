@@ -99,7 +99,7 @@ def _main(argv: list[str] | None) -> int:
     from mezo_dist.cli import run_on_ranks
     from mezo_dist.export import save_pretrained
     from mezo_dist.models import load_tokenizer
-    from mezo_dist.train import build_placement
+    from mezo_dist.placement.build import build_placement, group_needs
 
     def body(state) -> int:
         compute = None
@@ -118,6 +118,6 @@ def _main(argv: list[str] | None) -> int:
             print(f"replayed {len(rows)} steps on {backend} x{state.world_size}; model in {args.output_dir}", flush=True)
         return 0
 
-    code = run_on_ranks(body, use_deepspeed=backend == "zero3", need_group=backend == "fsdp")
+    code = run_on_ranks(body, **group_needs(backend))
     sys.stdout.flush()
     return code

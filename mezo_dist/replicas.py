@@ -8,7 +8,6 @@ bits of every trainable parameter, compared across ranks, turns it into an error
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 
 from mezo_dist.errors import TrainingError
 from mezo_dist.placement.base import Placement
@@ -27,9 +26,9 @@ def checksum(placement: Placement) -> int:
 
 def check_replicas(placement: Placement, *, step: int) -> None:
     """Collective: raise :class:`TrainingError` on every rank if any replica differs."""
-    if not (dist.is_initialized() and dist.get_world_size() > 1):
+    state = placement.state
+    if not state.grouped:
         return
-    sums: list[int] = [0] * dist.get_world_size()
-    dist.all_gather_object(sums, checksum(placement))
+    sums = state.all_gather_object(checksum(placement))
     if len(set(sums)) > 1:
         raise TrainingError(f"data-parallel replicas drifted apart by step {step}: parameter checksums {sums}")

@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from mezo_dist.encoding import (  # noqa: F401  (public names of scoring before the split)
-    BatchShape, Encoded, _encode_pairs, _pad_id, candidate_groups, encode_groups, encode_samples, encoded_shape,
+    BatchShape, Encoded, encode_pairs, pad_id, candidate_groups, encode_groups, encode_samples, encoded_shape,
     encoded_width, is_masked_lm, target_token_count,
 )
 from mezo_dist.errors import ConfigError
@@ -56,7 +56,7 @@ def continuation_logprobs(forward: Forward, tokenizer, enc: Encoded, *, device: 
         raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
     if isinstance(forward, nn.Module):
         support_logits_to_keep(forward)
-    pad = _pad_id(tokenizer)
+    pad = pad_id(tokenizer)
     shape = enc.shape.cover(pad_to)
     values: list[torch.Tensor] = []
     owners: list[int] = []

@@ -16,7 +16,7 @@ from collections.abc import Sequence
 
 import torch
 
-from mezo_dist.encoding import _encode_pairs, _pad_id, candidate_groups, is_masked_lm, prompt_ids
+from mezo_dist.encoding import encode_pairs, pad_id, candidate_groups, is_masked_lm, prompt_ids
 from mezo_dist.errors import ConfigError
 from mezo_dist.logits import Forward
 from mezo_dist.scoring import classification_loss, per_sample
@@ -38,7 +38,7 @@ def token_logprob_sums(forward: Forward, tokenizer, seqs: list[tuple[list[int], 
     bs = len(seqs) if batch_size is None else batch_size
     if bs < 1:
         raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
-    pad = _pad_id(tokenizer)
+    pad = pad_id(tokenizer)
     masked = is_masked_lm(tokenizer)
     sums: list[torch.Tensor] = []
     counts: list[int] = []
@@ -67,7 +67,7 @@ def sequence_width(tokenizer, samples: Sequence[Sample], *, as_classification: b
     """The longest per-candidate sequence (what ``pad_to`` is for a global batch)."""
     pairs = _pairs(samples, as_classification)
     extra = 1 if is_masked_lm(tokenizer) else 0  # the closing [SEP]
-    return max((len(ids) + extra for ids, _ in _encode_pairs(tokenizer, pairs, max_length)), default=0)
+    return max((len(ids) + extra for ids, _ in encode_pairs(tokenizer, pairs, max_length)), default=0)
 
 
 def _pairs(samples: Sequence[Sample], as_classification: bool) -> list[tuple[str, str]]:
@@ -80,7 +80,7 @@ def candidate_logprobs(forward: Forward, tokenizer, samples: Sequence[Sample], *
                        batch_size: int = 8, max_length: int | None = None) -> list[list[float]]:
     """``scores[i][j]``: mean log p(candidate j's tokens | context) of sample i."""
     with torch.no_grad():
-        seqs = _encode_pairs(tokenizer, _pairs(samples, True), max_length)
+        seqs = encode_pairs(tokenizer, _pairs(samples, True), max_length)
         sums, counts = token_logprob_sums(forward, tokenizer, seqs, device=device, batch_size=batch_size)
     return per_sample((sums / counts).tolist(), samples)
 
@@ -89,7 +89,7 @@ def candidate_loss(forward: Forward, tokenizer, samples: Sequence[Sample], *, de
                    batch_size: int | None = None, max_length: int | None = None,
                    pad_to: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """``(sum, count)`` of the training loss, as :func:`mezo_dist.scoring.candidate_loss` defines it."""
-    seqs = _encode_pairs(tokenizer, _pairs(samples, as_classification), max_length)
+    seqs = encode_pairs(tokenizer, _pairs(samples, as_classification), max_length)
     sums, counts = token_logprob_sums(forward, tokenizer, seqs, device=device, batch_size=batch_size, pad_to=pad_to)
     if not as_classification:
         return -sums.double().sum(), counts.sum()

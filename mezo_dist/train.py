@@ -1,75 +1,28 @@
-"""The training loop: build the placement, resume, run MeZO steps, evaluate, checkpoint, export."""
+"""The training loop: build the placement, resume, run the trainer's steps, evaluate, checkpoint,
+export. The loop knows the trainer by its protocol (``trainer.py``) and the placement by its
+interface (``placement/base.py``): MeZO, every ``--zo_optimizer`` and the backprop baseline run
+through the same lines, on every backend."""
 
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
-from mezo_dist import faults, trajectory
 from mezo_dist.checkpoint import load_checkpoint, rotate_checkpoints, save_checkpoint
-from mezo_dist.config import (
-    TEXT_MAX_LENGTH, BackpropArguments, ModelArguments, TrainConfig, read_ds_config, resume_fields,
-)
+from mezo_dist.config import TEXT_MAX_LENGTH, TrainConfig, resume_fields
 from mezo_dist.distributed import DistState
 from mezo_dist.errors import TrainingError
 from mezo_dist.export import save_pretrained
 from mezo_dist.metrics import RunLogger
 from mezo_dist.models import DTYPES, load_config, load_tokenizer, max_positions
 from mezo_dist.placement.base import Placement
+from mezo_dist.placement.build import build_placement
 from mezo_dist.replicas import check_replicas
 from mezo_dist.schedule import lr_schedule
 from mezo_dist.tasks.base import Sample
+from mezo_dist.trainer import Trainer
 from mezo_dist.zo import optimizers
-from mezo_dist.zo.step import MeZO
-
-
-def build_placement(
-    m: ModelArguments, state: DistState, *, backend: str, ds_config: str | None, micro_batch: int,
-    accumulation: int = 1, backprop: BackpropArguments | None = None, learning_rate: float = 0.0,
-    weight_decay: float = 0.0, compute_dtype=None,
-) -> Placement:
-    """The model on this rank, as ``backend`` places it.
-
-    ``compute_dtype`` (``--precision`` bf16/fp16 over fp32 values): forwards in that dtype, fp32
-    values for MeZO to edit (autocast on single, FSDP2 mixed precision, fp32 masters on zero3).
-
-    ``backprop`` (the baseline's settings) asks for a trainable model: gradient checkpointing if
-    set, and for zero3 a DeepSpeed engine with the ds_config's optimizer.
-    """
-    dtype = DTYPES[m.torch_dtype]
-    checkpointing = backprop is not None and backprop.gradient_checkpointing
-    if backend in ("single", "fsdp"):
-        if backend == "single":
-            from mezo_dist.placement.single import build_single as build
-        else:
-            from mezo_dist.placement.fsdp import build_fsdp as build
-        placement = build(m.model_name_or_path, state, dtype=dtype, trust_remote_code=m.trust_remote_code, lora=m,
-                          compute_dtype=compute_dtype)
-        if checkpointing:
-            placement.module.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        return placement
-    from mezo_dist.placement.zero3 import build_zero3
-
-    optimizer = None
-    if backprop is not None:
-        optimizer = {"lr": learning_rate, "betas": [backprop.adam_beta1, backprop.adam_beta2],
-                     "eps": backprop.adam_epsilon, "weight_decay": weight_decay, "momentum": backprop.momentum,
-                     "gradient_clipping": backprop.max_grad_norm}
-    placement = build_zero3(
-        m.model_name_or_path, read_ds_config(ds_config, with_optimizer=backprop is not None), state,
-        micro_batch=micro_batch, dtype=compute_dtype or dtype, trust_remote_code=m.trust_remote_code, lora=m,
-        accumulation=accumulation, optimizer=optimizer, gradient_checkpointing=checkpointing,
-    )
-    if compute_dtype is not None and backprop is None:
-        # MeZO's fp32 masters; the baseline trains bf16/fp16 through DeepSpeed's own mixed
-        # precision (fp32 master weights inside its optimizer).
-        from mezo_dist.placement.zero3_mixed import Zero3MixedPlacement
-
-        mixed = Zero3MixedPlacement(placement.model, state)
-        mixed._hf_ds_config = placement._hf_ds_config
-        return mixed
-    return placement
 
 
 def compute_dtype(cfg: TrainConfig):
@@ -77,6 +30,33 @@ def compute_dtype(cfg: TrainConfig):
     from mezo_dist.config import PRECISIONS, mixed_precision
 
     return DTYPES[PRECISIONS[cfg.zo.precision]] if mixed_precision(cfg) else None
+
+
+def build_trainer(cfg: TrainConfig, placement: Placement) -> Trainer:
+    """MeZO or the optimizer ``--zo_optimizer`` names, or with ``--trainer regular`` the baseline."""
+    schedule = lr_schedule(cfg.zo.lr_scheduler_type, cfg.zo.learning_rate, cfg.run.max_steps, cfg.zo.warmup_steps)
+    if cfg.bp.trainer == "regular":
+        from mezo_dist.backprop import Backprop
+
+        return Backprop(placement, cfg.bp, lr=schedule, weight_decay=cfg.zo.weight_decay)
+    zo = cfg.zo
+    return optimizers.build(zo.zo_optimizer, placement, lr=schedule, eps=zo.zo_eps, weight_decay=zo.weight_decay,
+                            seed=cfg.run.seed, num_directions=zo.zo_num_directions, perturbation=zo.zo_perturbation,
+                            kernel=zo.zo_kernel, precision=zo.precision if compute_dtype(cfg) is not None else None,
+                            **optimizers.hyper_from_args(zo.zo_optimizer, zo))
+
+
+@dataclass
+class RunHooks:
+    """Callbacks the loop runs at fixed points, empty in a normal run: what the tests' fault
+    injection attaches to (``faults.install``), so that the loop itself holds none of it."""
+
+    before_step: list[Callable[[int], None]] = field(default_factory=list)
+    # (step, this rank's micro-batches) -> the micro-batches the trainer is given
+    micro_batches: list[Callable[[int, list], list]] = field(default_factory=list)
+    after_step: list[Callable[[int, Placement], None]] = field(default_factory=list)
+    # this rank's checkpoint file is written, the checkpoint not yet published
+    checkpoint_written: list[Callable[[], None]] = field(default_factory=list)
 
 
 @dataclass
@@ -152,8 +132,8 @@ class Evaluator:
         return metrics.get(f"{split}_accuracy", metrics.get(f"{split}_f1", float("nan")))
 
 
-def train(cfg: TrainConfig, state: DistState) -> dict[str, Any]:
-    run = cfg.run
+def train(cfg: TrainConfig, state: DistState, hooks: RunHooks | None = None) -> dict[str, Any]:
+    run, hooks = cfg.run, hooks or RunHooks()
     tokenizer = load_tokenizer(cfg.model.model_name_or_path, trust_remote_code=cfg.model.trust_remote_code)
     objective, sets = build_objective(cfg, state, tokenizer)
     regular = cfg.bp.trainer == "regular"
@@ -161,25 +141,17 @@ def train(cfg: TrainConfig, state: DistState) -> dict[str, Any]:
                                 micro_batch=run.per_device_train_batch_size, accumulation=run.gradient_accumulation_steps,
                                 backprop=cfg.bp if regular else None, learning_rate=cfg.zo.learning_rate,
                                 weight_decay=cfg.zo.weight_decay, compute_dtype=compute_dtype(cfg))
-    schedule = lr_schedule(cfg.zo.lr_scheduler_type, cfg.zo.learning_rate, run.max_steps, cfg.zo.warmup_steps)
-    if regular:
-        from mezo_dist.backprop import Backprop
-
-        zo = Backprop(placement, cfg.bp, lr=schedule, weight_decay=cfg.zo.weight_decay)
-    else:
-        zo = optimizers.build(cfg.zo.zo_optimizer, placement, lr=schedule, eps=cfg.zo.zo_eps,
-                              weight_decay=cfg.zo.weight_decay, seed=run.seed, num_directions=cfg.zo.zo_num_directions,
-                              perturbation=cfg.zo.zo_perturbation, kernel=cfg.zo.zo_kernel,
-                              **optimizers.hyper_from_args(cfg.zo.zo_optimizer, cfg.zo))
+    trainer = build_trainer(cfg, placement)
     start, skipped, best = 0, 0, None
     if run.resume_from_checkpoint:
         saved = load_checkpoint(placement, run.resume_from_checkpoint)
         start, skipped = int(saved["step"]), int(saved["skipped_steps"])
         best = saved.get("best")
-        optimizers.load_state_dict(zo, saved.get("optimizer_state"))
+        if saved.get("optimizer_state") is not None:
+            trainer.load_state_dict(saved["optimizer_state"])
         if state.is_main:
             print(f"resumed from {run.resume_from_checkpoint} at step {start}", flush=True)
-    zo.step_index = start
+    trainer.step_index = start
     steps = 0 if cfg.task.eval_only else run.max_steps
     logger = RunLogger(state, run.output_dir, max_steps=steps, report_to=run.report_to,
                        progress=not run.disable_tqdm, start_step=start)
@@ -196,7 +168,7 @@ def train(cfg: TrainConfig, state: DistState) -> dict[str, Any]:
             results.update({k.replace("initial_", ""): v for k, v in results.items()})
             logger.write_json("eval_results.json", results)
             return results
-        skipped = _loop(cfg, state, placement, zo, objective, evaluator, logger, start, skipped)
+        skipped = _loop(cfg, state, placement, trainer, objective, evaluator, logger, hooks, start, skipped)
         if evaluator.best is not None:
             best_metric, best_step = evaluator.best
             load_checkpoint(placement, f"{run.output_dir}/checkpoint-best")
@@ -210,48 +182,40 @@ def train(cfg: TrainConfig, state: DistState) -> dict[str, Any]:
         if results:
             logger.write_json("eval_results.json", results)
         summary = {"steps": run.max_steps, "skipped_steps": skipped, "backend": run.backend,
-                   "world_size": state.world_size, "resumed_from_step": start, "peak_memory_bytes_per_rank": peaks}
-        if regular:
-            summary["optimizer"] = zo.describe()
+                   "world_size": state.world_size, "resumed_from_step": start, "peak_memory_bytes_per_rank": peaks,
+                   **trainer.summary()}
         logger.write_json("train_results.json", summary)
         return summary | results
     finally:
         logger.close()
 
 
-def _loop(cfg, state, placement, zo, objective, evaluator, logger, start, skipped) -> int:
-    run, fields = cfg.run, resume_fields(cfg)
+def _loop(cfg, state, placement, trainer, objective, evaluator, logger, hooks, start, skipped) -> int:
+    run, fields = cfg.run, resume_fields(cfg, state.world_size)
     for step in range(start, run.max_steps):
-        faults.maybe_kill(state.rank, step)
-        faults.maybe_stall(state.rank, step)
+        for hook in hooks.before_step:
+            hook(step)
         t0 = time.perf_counter()
-        if isinstance(zo, MeZO):
-            closure, units = objective.closure(placement, step)
-            res = zo.step(closure)
-            dt = time.perf_counter() - t0
-            logger.trajectory(trajectory.zo_row(res, zo, cfg.zo.precision if compute_dtype(cfg) is not None else None))
-            logger.scalars(step, {"train/loss": res.loss, "train/projected_grad": res.projected_grad,
-                                  "train/lr": res.lr, "perf/step_time_s": dt, f"perf/{objective.unit}_per_s": units / dt})
-            logger.progress({"loss": res.loss, "g": res.projected_grad})
-        else:
-            micro, units = objective.micro_batches(placement, step)
-            res = zo.step(micro)
-            dt = time.perf_counter() - t0
-            logger.trajectory(trajectory.backprop_row(res))
-            logger.scalars(step, {"train/loss": res.loss, "train/grad_norm": res.grad_norm, "train/lr": res.lr,
-                                  "perf/step_time_s": dt, f"perf/{objective.unit}_per_s": units / dt})
-            logger.progress({"loss": res.loss})
-        if res.skipped:
+        micro, units = objective.micro_batches(placement, step)
+        for wrap in hooks.micro_batches:
+            micro = wrap(step, micro)
+        rec = trainer.train_step(micro)
+        dt = time.perf_counter() - t0
+        logger.trajectory(rec.row)
+        logger.scalars(step, {**rec.scalars, "perf/step_time_s": dt, f"perf/{objective.unit}_per_s": units / dt})
+        logger.progress(rec.progress)
+        if rec.skipped:
             skipped += 1
             logger.scalars(step, {"train/skipped_steps": skipped})
-            say(state, f"step {step}: non-finite loss ({res.loss_plus}, {res.loss_minus}); update skipped")
+            say(state, f"step {step}: {rec.why_skipped}; update skipped")
             if 0 <= run.max_skipped_steps < skipped:
                 raise TrainingError(
                     f"{skipped} steps had a non-finite loss, more than --max_skipped_steps {run.max_skipped_steps}"
                 )
         done = step + 1
-        faults.maybe_drift(state.rank, step, placement)
-        if run.check_replicas_steps and placement.name == "single" and done % run.check_replicas_steps == 0:
+        for hook in hooks.after_step:
+            hook(step, placement)
+        if run.check_replicas_steps and placement.replicated and done % run.check_replicas_steps == 0:
             check_replicas(placement, step=done)
         if run.logging_steps and done % run.logging_steps == 0:
             logger.memory(step)
@@ -261,14 +225,16 @@ def _loop(cfg, state, placement, zo, objective, evaluator, logger, start, skippe
             if evaluator.best is None or metric > evaluator.best[0]:
                 evaluator.best = (metric, done)
                 save_checkpoint(placement, f"{run.output_dir}/checkpoint-best",
-                                {"step": done, "skipped_steps": skipped, "backend": run.backend, "run": fields})
+                                {"step": done, "skipped_steps": skipped, "backend": run.backend, "run": fields},
+                                before_publish=hooks.checkpoint_written)
         trainer_state = {"step": done, "skipped_steps": skipped, "backend": run.backend, "run": fields,
                          "best": evaluator.best}
-        opt_state = optimizers.state_dict(zo)
+        opt_state = trainer.state_dict()
         if opt_state is not None:  # what a resume needs beyond the parameters (sparse thresholds, adamezo history)
             trainer_state["optimizer_state"] = opt_state
         if run.save_steps and done % run.save_steps == 0:
-            save_checkpoint(placement, f"{run.output_dir}/checkpoint-{done}", trainer_state)
+            save_checkpoint(placement, f"{run.output_dir}/checkpoint-{done}", trainer_state,
+                            before_publish=hooks.checkpoint_written)
             if state.is_main:
                 rotate_checkpoints(run.output_dir, run.save_total_limit)
     return skipped

@@ -96,12 +96,12 @@ def coverage_index(params: dict[str, int], layouts: dict[str, list[Chunk]], worl
 
 
 def owner_rule(world: int, replicas: int = 1) -> Callable[[int, bool], bool]:
-    """``mezo_dist.checkpoint._owned`` for every rank of a world (it reads only rank, world, replicas)."""
-    from mezo_dist.checkpoint import _owned
+    """``mezo_dist.checkpoint.owns_piece`` for every rank of a world (it reads only rank, world, replicas)."""
+    from mezo_dist.checkpoint import owns_piece
     from mezo_dist.placement.base import Piece
 
     empty = torch.empty(0, device="meta")
-    memo = {(r, s): _owned(Piece("p", empty, 0, 1, False, shard=s), state_of(r, world, replicas))
+    memo = {(r, s): owns_piece(Piece("p", empty, 0, 1, False, shard=s), state_of(r, world, replicas))
             for r in range(world) for s in (True, False)}
     return lambda rank, shard: memo[(rank, shard)]
 

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from mezo_dist.distributed import DistState, all_reduce_sum
+from mezo_dist.distributed import DistState
 
 
 @dataclass(frozen=True)
@@ -56,6 +56,9 @@ class Placement(ABC):
     """A model placed on this rank. Subclasses: single, fsdp, zero3."""
 
     name: str = "base"
+    # Every rank holds the whole model (data-parallel replicas): what ``--check_replicas_steps``
+    # compares across ranks.
+    replicated: bool = False
 
     def __init__(self, model: nn.Module, state: DistState) -> None:
         self.model = model
@@ -101,7 +104,7 @@ class Placement(ABC):
 
     def all_reduce_sum(self, t: torch.Tensor) -> torch.Tensor:
         """Sum over the ranks that hold different data. One collective."""
-        return all_reduce_sum(t)
+        return self.state.all_reduce_sum(t)
 
     def eval(self) -> None:
         # Forward passes of MeZO must be deterministic: dropout off.
@@ -110,6 +113,14 @@ class Placement(ABC):
     def train(self) -> None:
         # The backprop baseline trains as fine-tuning usually does: dropout on.
         self.model.train()
+
+    def training(self, args: Any, *, lr: float, weight_decay: float) -> Any:
+        """How this engine trains by backpropagation (``args``: ``config.BackpropArguments``):
+        a :class:`mezo_dist.placement.training.Training`; here a torch optimizer over the
+        parameters, which suits one process and engines that average gradients themselves."""
+        from mezo_dist.placement.training import TorchTraining
+
+        return TorchTraining(self, args, lr=lr, weight_decay=weight_decay)
 
     @abstractmethod
     def full_state_dict(self) -> dict[str, torch.Tensor] | None:

@@ -15,6 +15,7 @@ from mezo_dist.placement.masters import Masters
 
 class SinglePlacement(Placement):
     name = "single"
+    replicated = True
 
     def pieces(self) -> list[Piece]:
         out = []
@@ -39,6 +40,13 @@ class SinglePlacement(Placement):
         if self.masters is not None and not self.compute_synced:
             Masters.sync(self._attached)
         self.compute_synced = False
+
+    def training(self, args, *, lr: float, weight_decay: float):
+        from mezo_dist.placement.training import DDPTraining, TorchTraining
+
+        # Replicas on several ranks need their gradients averaged; one process does not.
+        kind = DDPTraining if self.state.world_size > 1 else TorchTraining
+        return kind(self, args, lr=lr, weight_decay=weight_decay)
 
     def full_state_dict(self) -> dict[str, torch.Tensor] | None:
         if not self.state.is_main:

@@ -123,6 +123,12 @@ class Zero3Placement(Placement):
     def eval(self) -> None:
         self.model.eval()
 
+    def training(self, args, *, lr: float, weight_decay: float):
+        # DeepSpeed built the optimizer from the ds_config (filled from the same flags).
+        from mezo_dist.placement.training import DeepSpeedTraining
+
+        return DeepSpeedTraining(self)
+
     @torch.no_grad()
     def full_state_dict(self) -> dict[str, torch.Tensor] | None:
         import deepspeed
@@ -241,7 +247,7 @@ def build_zero3(
     if optimizer is None:
         engine, *_ = deepspeed.initialize(model=model, config=cfg)
     else:
-        from mezo_dist.backprop import param_groups
+        from mezo_dist.placement.training import param_groups
 
         groups = param_groups(model, float(cfg["optimizer"]["params"].get("weight_decay", 0.0)))
         engine, *_ = deepspeed.initialize(model=model, model_parameters=groups, config=cfg)

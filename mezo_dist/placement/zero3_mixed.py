@@ -104,6 +104,14 @@ class Zero3MixedPlacement(Zero3Placement):
         return sd
 
 
+def with_fp32_masters(placement: Zero3Placement) -> Zero3MixedPlacement:
+    """The forward-only bf16/fp16 engine of ``placement`` with fp32 masters for MeZO to edit."""
+    mixed = Zero3MixedPlacement(placement.model, placement.state)
+    # transformers' global DeepSpeed config must live as long as the engine it built.
+    mixed._hf_ds_config = placement._hf_ds_config
+    return mixed
+
+
 def _all_gather_flat(part: torch.Tensor, p: nn.Parameter) -> torch.Tensor:
     """The partitions of every rank of ``p``'s group, concatenated (padding included)."""
     group = getattr(p, "ds_process_group", None)

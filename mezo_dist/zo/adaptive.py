@@ -39,7 +39,7 @@ import torch
 from mezo_dist.placement.base import Piece
 from mezo_dist.zo import multipass
 from mezo_dist.zo.measure import reduce_losses
-from mezo_dist.zo.step import Closure, MeZO, StepResult, _split
+from mezo_dist.zo.step import Closure, MeZO, StepResult, split_loss
 
 
 def moment_weights(beta: float, n: int) -> list[float]:
@@ -89,9 +89,9 @@ class AdaMeZO(MeZO):
         lr = float(self.lr(step))
         self.placement.eval()
         self.perturb(seed, self.eps)
-        plus, weight = _split(closure())
+        plus, weight = split_loss(closure())
         self.perturb(seed, -2.0 * self.eps)
-        minus, _ = _split(closure())
+        minus, _ = split_loss(closure())
         loss_plus, loss_minus = reduce_losses(self.placement, [plus, minus], weight)
         g = (loss_plus - loss_minus) / (2.0 * self.eps)
         skipped = not all(math.isfinite(v) for v in (loss_plus, loss_minus, g))

@@ -42,7 +42,7 @@ import torch
 from mezo_dist import trajectory
 from mezo_dist.zo import passes
 from mezo_dist.zo.measure import reduce_losses
-from mezo_dist.zo.step import Closure, MeZO, StepResult, _split
+from mezo_dist.zo.step import Closure, MeZO, StepResult, split_loss
 
 
 @dataclass(frozen=True)
@@ -89,11 +89,11 @@ class FZOO(MeZO):
         seeds = self.direction_seeds(step)
         lr = float(self.lr(step))
         self.placement.eval()
-        base, weight = _split(closure())
+        base, weight = split_loss(closure())
         measured = [base]
         for k, seed in enumerate(seeds):
             self.perturb(seed, self.eps)
-            loss, _ = _split(closure())
+            loss, _ = split_loss(closure())
             measured.append(loss)
             if k < len(seeds) - 1:
                 self.perturb(seed, -self.eps)

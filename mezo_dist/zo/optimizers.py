@@ -42,13 +42,14 @@ def build(name: str, placement, **kw: Any) -> MeZO:
     return OPTIMIZERS[name](placement, **kw)
 
 
-def state_dict(zo: Any) -> dict[str, Any] | None:
+def state_dict(zo: MeZO) -> dict[str, Any] | None:
     """What a resume needs besides the parameters and the step (None: nothing)."""
-    return zo.state_dict() if hasattr(zo, "state_dict") and isinstance(zo, MeZO) else None
+    return zo.state_dict()
 
 
-def load_state_dict(zo: Any, state: dict[str, Any] | None) -> None:
-    if state is not None and hasattr(zo, "load_state_dict"):
+def load_state_dict(zo: MeZO, state: dict[str, Any] | None) -> None:
+    """Give ``zo`` the state a checkpoint saved (None: the checkpoint holds none)."""
+    if state is not None:
         zo.load_state_dict(state)
 
 

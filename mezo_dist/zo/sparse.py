@@ -182,9 +182,9 @@ class SparseMeZO(MeZO):
         self.thresholds = None if saved is None else {k: int(v) for k, v in saved.items()}
 
     def _owns(self, piece: Piece) -> bool:
-        from mezo_dist.checkpoint import _owned  # the rank that writes a piece counts it
+        from mezo_dist.checkpoint import owns_piece  # the rank that writes a piece counts it
 
-        return _owned(piece, self.placement.state)
+        return owns_piece(piece, self.placement.state)
 
     def _refresh_due(self, step: int) -> bool:
         return self.thresholds is None or (self.sparse_refresh > 0 and step % self.sparse_refresh == 0)

@@ -22,7 +22,9 @@ from typing import Any, Callable, Union
 import torch
 
 from mezo_dist import trajectory
+from mezo_dist.objectives import MicroBatch, summed
 from mezo_dist.placement.base import Placement
+from mezo_dist.trainer import StepRecord
 from mezo_dist.zo import noise, passes
 
 LossOut = Union[torch.Tensor, float, tuple]
@@ -43,7 +45,7 @@ class StepResult:
     directions: tuple[tuple[int, float], ...] = ()
 
 
-def _split(out: LossOut) -> tuple[torch.Tensor, torch.Tensor]:
+def split_loss(out: LossOut) -> tuple[torch.Tensor, torch.Tensor]:
     """A closure returns a mean loss, or (sum of losses, weight) for exact weighted averaging."""
     if isinstance(out, tuple):
         total, weight = out
@@ -69,6 +71,10 @@ class MeZO:
         kernel: how z is drawn and applied: ``auto`` (= ``compiled``: the hash stream by one
             torch.compile kernel, on every device), ``compiled``, ``blocks`` or ``triton``; see
             ``zo/passes.py``.
+        precision: ``bf16``/``fp16`` when the placement runs low-precision forwards over fp32
+            values, written to every trajectory row (a replay rebuilds the same rounding).
+
+    A :class:`mezo_dist.trainer.Trainer`: :meth:`train_step` is the training loop's step.
     """
 
     def __init__(
@@ -82,6 +88,7 @@ class MeZO:
         num_directions: int = 1,
         perturbation: str = "gaussian",
         kernel: str = "auto",
+        precision: str | None = None,
     ) -> None:
         if not eps > 0:
             raise ValueError(f"eps must be > 0, got {eps}")
@@ -97,6 +104,7 @@ class MeZO:
         self.eps = float(eps)
         self.weight_decay = float(weight_decay)
         self.run_seed = int(seed)
+        self.precision = precision
         self.step_index = 0
         self._scratch = passes.Scratch()
         # The perturbation the model holds now, as (seed, scale): pieces with fp32 masters keep
@@ -162,9 +170,9 @@ class MeZO:
         weight = torch.zeros((), dtype=torch.float64)
         for k, seed in enumerate(seeds):
             self.perturb(seed, self.eps)
-            plus, weight = _split(closure())
+            plus, weight = split_loss(closure())
             self.perturb(seed, -2.0 * self.eps)
-            minus, _ = _split(closure())
+            minus, _ = split_loss(closure())
             measured += [plus, minus]
             if k < len(seeds) - 1:
                 self.perturb(seed, self.eps)  # back to theta for the next direction
@@ -227,6 +235,30 @@ class MeZO:
     def replay_row(self, row: dict[str, Any]) -> None:
         """:meth:`replay` of one checked trajectory row (its eps, wd and perturbation set by the caller)."""
         self.replay(**trajectory.replay_args(row))
+
+    # -- the Trainer protocol ----------------------------------------------------------------
+
+    def train_step(self, micro: list[MicroBatch]) -> StepRecord:
+        """:meth:`step` on one closure over this rank's micro-batches (one perturbation, many
+        forwards), as the training loop logs it."""
+        res = self.step(summed(micro))
+        return StepRecord(
+            step=res.step, loss=res.loss, row=trajectory.zo_row(res, self, self.precision),
+            scalars={"train/loss": res.loss, "train/projected_grad": res.projected_grad, "train/lr": res.lr},
+            progress={"loss": res.loss, "g": res.projected_grad}, skipped=res.skipped,
+            why_skipped=f"non-finite loss ({res.loss_plus}, {res.loss_minus})",
+        )
+
+    def state_dict(self) -> dict[str, Any] | None:
+        """What a resume needs besides the parameters and the step: nothing for MeZO itself
+        (Sparse MeZO's thresholds, AdaMeZO's history)."""
+        return None
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        pass  # MeZO's own state is the parameters and the step
+
+    def summary(self) -> dict[str, Any]:
+        return {}
 
     def _reduce_device(self) -> torch.device:
         # NCCL reduces CUDA tensors only; gloo reduces CPU tensors.

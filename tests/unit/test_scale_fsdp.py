@@ -25,7 +25,7 @@ from torch.distributed.tensor import DTensor, Replicate, Shard
 from torch.distributed.tensor._utils import _compute_local_shape_and_global_offset
 
 from mezo_dist import plan
-from mezo_dist.checkpoint import _check_coverage
+from mezo_dist.checkpoint import check_coverage
 from mezo_dist.errors import ConfigError
 from mezo_dist.placement.fsdp import FSDPPlacement, _flat_offset, apply_fully_shard, make_mesh
 from tests.scale_sim import WORLDS, coverage_index, fake_group, meta_opt, owner_rule, sample_ranks, state_of
@@ -116,8 +116,8 @@ def test_fsdp2_pieces_cover_every_element_once(size, world, replicas, meta_model
 
     # Exactly once: in each replica group on its own, and under the checkpoint's rule overall.
     for g in range(replicas):
-        _check_coverage(coverage_index(numels, layouts, world, lambda r, s: r // group == g), where=f"group {g}")
-    _check_coverage(coverage_index(numels, layouts, world, owner_rule(world, replicas)), where="checkpoint")
+        check_coverage(coverage_index(numels, layouts, world, lambda r, s: r // group == g), where=f"group {g}")
+    check_coverage(coverage_index(numels, layouts, world, owner_rule(world, replicas)), where="checkpoint")
     # Offsets stay inside their own parameter: no index over the whole model is ever formed.
     assert all(off + n <= numels[name] for name, rows in layouts.items() for _, off, n in rows if n)
 
@@ -131,4 +131,4 @@ def test_coverage_check_finds_a_missing_rank(meta_models):
     name = "model.decoder.embed_tokens.weight"
     layouts[name] = [c for c in layouts[name] if c[0] != 300]
     with pytest.raises(ConfigError, match=rf"does not cover parameter {name} at element {300 * 99 * 9216}"):
-        _check_coverage(coverage_index(numels, layouts, 512, owner_rule(512)), where="checkpoint")
+        check_coverage(coverage_index(numels, layouts, 512, owner_rule(512)), where="checkpoint")

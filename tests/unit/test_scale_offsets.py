@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from mezo_dist import plan
-from mezo_dist.checkpoint import _check_coverage
+from mezo_dist.checkpoint import check_coverage
 from mezo_dist.errors import ConfigError
 from mezo_dist.zo import noise
 from tests.scale_sim import coverage_index, owner_rule, zero3_layout
@@ -67,9 +67,9 @@ def test_checkpoint_index_beyond_2_to_the_32():
     params = {"fused.weight": HUGE}
     layouts = {"fused.weight": zero3_layout(HUGE, 512)}
     index = json.loads(json.dumps(coverage_index(params, layouts, 512, owner_rule(512))))
-    _check_coverage(index, where="huge")
+    check_coverage(index, where="huge")
     chunks = index["chunks"]["fused.weight"]
     assert max(c[2] for c in chunks) > 2**32 + 2**31
     del chunks[-2]
     with pytest.raises(ConfigError, match=rf"at element {510 * -(-HUGE // 512)}$"):
-        _check_coverage(index, where="huge")
+        check_coverage(index, where="huge")

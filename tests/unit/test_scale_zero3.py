@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 from mezo_dist import plan
-from mezo_dist.checkpoint import _check_coverage
+from mezo_dist.checkpoint import check_coverage
 from mezo_dist.placement.zero3 import Zero3Placement, _partition_geometry, fill_ds_config
 from tests.helpers import ROOT
 from tests.scale_sim import (WORLDS, coverage_index, fake_group, opt_config, owner_rule, sample_ranks, state_of,
@@ -121,8 +121,8 @@ def test_zero3_partitions_cover_every_element_once(size, world, deepspeed_rank):
     layouts = {n: zero3_layout(k, world) for n, k in numels.items()}
     persistent = [n for n, k in numels.items() if k <= threshold]
     owns = owner_rule(world)
-    _check_coverage(coverage_index(numels, layouts, world, owns), where="before the first forward")
-    _check_coverage(coverage_index(numels, layouts, world, owns, replicated=persistent), where="after it")
+    check_coverage(coverage_index(numels, layouts, world, owns), where="before the first forward")
+    check_coverage(coverage_index(numels, layouts, world, owns, replicated=persistent), where="after it")
     # Every rank stores the same padded partitions, plus the persistent parameters whole once
     # they are gathered: the planner's parameter bytes (bf16, 2 bytes).
     per_rank = sum(-(-k // world) for k in numels.values()) + sum(numels[n] for n in persistent)
