@@ -96,7 +96,7 @@ def rank_env(world: int) -> dict[str, str]:
     """The environment of launched ranks: this process's, without a launcher's rank variables
     (they would be taken for this run's), the cores shared out, DeepSpeed on the CPU unless told."""
     env = dict(os.environ)
-    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(k, None)
     env["OMP_NUM_THREADS"] = str(threads_per_rank(world))
     env.update(DS_ACCELERATOR=env.get("DS_ACCELERATOR", "cpu"), PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false")

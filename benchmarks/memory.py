@@ -4,7 +4,7 @@ paper's memory table), at world size 1 and 2.
 
     python benchmarks/memory.py                        # random-weight OPT, ~32M parameters, batch 8 x 128
     python benchmarks/memory.py --worlds 1 --steps 3   # faster
-    python benchmarks/memory.py --zero3                # also MeZO and FT under DeepSpeed ZeRO-3 at world 2
+    python benchmarks/memory.py --zero3                # also mezo and backprop under DeepSpeed ZeRO-3 at world 2
 
 How each figure is measured:
 
@@ -25,8 +25,8 @@ How each figure is measured:
   the model, its activations, gradients and optimizer states take; the ratios against inference
   are computed on that part (the comparable figure to the paper's GPU memory) and on the total.
 
-At world size 2 every method runs on FSDP2 (prefix tuning included), and with ``--zero3`` MeZO and
-FT also run on DeepSpeed ZeRO-3 (FT through a temporary copy of ``ds_configs/zero3_adamw.json``
+At world size 2 every method runs on FSDP2 (prefix tuning included), and with ``--zero3`` mezo and
+backprop also run on DeepSpeed ZeRO-3 (backprop through a temporary copy of ``ds_configs/zero3_adamw.json``
 with ``"torch_adam": true``, so that DeepSpeed needs no compiled Adam op); ZeRO-3 rows are compared
 with FSDP2 inference.
 
