@@ -18,11 +18,7 @@ Peak resident memory above the shard itself is measured for the saves (VmHWM, re
 
 from __future__ import annotations
 
-import argparse
 import hashlib
-import json
-import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -34,6 +30,7 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
+from benchmarks.common import machine, parser, save_figure, write_results  # noqa: E402
 from benchmarks.perturb import SMOLLM2_135M  # noqa: E402
 
 
@@ -138,27 +135,18 @@ def chart(rows: list[dict], path: Path) -> bool:
     ax.set_title("One rank's 538 MB checkpoint file, with and without sha256")
     ax.invert_yaxis()
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    save_figure(fig, path, dpi=120)
     return True
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = parser(__doc__)
     p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--results", default=str(ROOT / "benchmarks" / "results"))
     args = p.parse_args()
     with tempfile.TemporaryDirectory() as d:
         rows = measure(args.repeats, Path(d))
-    machine = f"{platform.machine()}, {os.cpu_count()} CPU cores, {torch.get_num_threads()} threads, torch {torch.__version__}"
-    meta = {"bytes": rows[0]["bytes"], "repeats": args.repeats, "machine": machine}
-    out = Path(args.results)
-    out.mkdir(parents=True, exist_ok=True)
-    from mezo_dist.io import atomic_write_json, atomic_write_text
-
-    atomic_write_json(out / "checkpoint_cost.json", {"meta": meta, "rows": rows})
-    atomic_write_text(out / "checkpoint_cost.md", markdown(rows, meta))
-    chart(rows, out / "checkpoint_cost.png")
-    print(markdown(rows, meta))
+    meta = {"bytes": rows[0]["bytes"], "repeats": args.repeats, "machine": machine(threads=True)}
+    write_results(args.results, "checkpoint_cost", meta, rows, markdown(rows, meta), chart)
 
 
 if __name__ == "__main__":

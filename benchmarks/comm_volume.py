@@ -22,9 +22,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
-import subprocess
 import sys
 import tempfile
 import time
@@ -33,7 +30,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from benchmarks.common import adamw_torch_config, free_port  # noqa: E402
+from benchmarks.common import (  # noqa: E402
+    adamw_torch_config, describe_opt, machine, parser, random_opt, run_ranks, save_figure, write_results)
 
 COLLECTIVES = ("all_reduce", "all_gather", "all_gather_into_tensor", "_all_gather_base", "all_gather_single",
                "all_gather_coalesced", "reduce_scatter", "reduce_scatter_tensor", "_reduce_scatter_base",
@@ -211,20 +209,11 @@ def summarise(reports: list[dict], steps: int, replicas: int) -> dict:
 def run_config(args, model: Path, tmp: Path, method: str, backend: str, world: int, replicas: int,
                ds: dict[str, Path]) -> dict:
     out = tmp / f"{method}_{backend}{world}_{replicas}.json"
-    env = dict(os.environ, DS_ACCELERATOR=os.environ.get("DS_ACCELERATOR", "cpu"), PYTHONUNBUFFERED="1",
-               TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS=str(max(1, (os.cpu_count() or 1) // world)))
-    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
-    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(k, None)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(world), "--master_port",
-           str(free_port()), __file__, "--worker", "--backend", backend, "--method", method, "--model", str(model),
-           "--out", str(out), "--steps", str(args.steps), "--batch", str(args.batch), "--seq", str(args.seq),
-           "--hsdp_replicas", str(replicas)]
+    cmd = [__file__, "--worker", "--backend", backend, "--method", method, "--model", model, "--out", out,
+           "--steps", args.steps, "--batch", args.batch, "--seq", args.seq, "--hsdp_replicas", replicas]
     if backend == "zero3":
-        cmd += ["--ds_config", str(ds[method])]
-    proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=args.timeout)
-    if proc.returncode != 0:
-        raise RuntimeError(f"{method} {backend} x{world} failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
+        cmd += ["--ds_config", ds[method]]
+    run_ranks(cmd, world, timeout=args.timeout, what=f"{method} {backend} x{world}")
     reports = [json.loads(Path(f"{out}.rank{r}").read_text()) for r in range(world)]
     row = {"method": method, "backend": backend, "world_size": world, "hsdp_replicas": replicas,
            "steps": args.steps}
@@ -317,24 +306,18 @@ def chart(rows: list[dict], path: Path, meta: dict) -> bool:
     ax.legend()
     ax.tick_params(axis="x", labelsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    save_figure(fig, path, dpi=100)
     return True
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--hidden", type=int, default=512)
-    p.add_argument("--layers", type=int, default=8)
-    p.add_argument("--ffn", type=int, default=2048)
+    p = parser(__doc__, timeout=600, model_shape=(512, 8, 2048))
     p.add_argument("--batch", type=int, default=2, help="micro-batch per rank")
     p.add_argument("--seq", type=int, default=32)
     p.add_argument("--steps", type=int, default=1, help="recorded steps (after one warm-up step); bytes per step do not vary")
     p.add_argument("--methods", default="mezo,backprop")
     p.add_argument("--placements", default="fsdp,zero3", help="2-rank placements: fsdp, zero3")
     p.add_argument("--hsdp", action="store_true", help="also FSDP2 on a 2 x 2 HSDP mesh (4 ranks)")
-    p.add_argument("--timeout", type=int, default=600, help="seconds per run")
-    p.add_argument("--results", default=str(ROOT / "benchmarks" / "results"))
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--backend", help=argparse.SUPPRESS)
     p.add_argument("--method", help=argparse.SUPPRESS)
@@ -346,11 +329,6 @@ def main(argv: list[str] | None = None) -> None:
     if args.worker:
         return worker(args)
 
-    import torch
-
-    from mezo_dist.metrics import atomic_write_text
-    from mezo_dist.testing import make_tiny_model
-
     methods = [m for m in args.methods.split(",") if m]
     plan = [(b, 2, 1) for b in args.placements.split(",") if b]
     if args.hsdp:
@@ -358,12 +336,7 @@ def main(argv: list[str] | None = None) -> None:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        model = make_tiny_model(tmp / "model", "opt", hidden=args.hidden, layers=args.layers, ffn=args.ffn)
-        from transformers import AutoConfig, AutoModelForCausalLM
-
-        cfg = AutoConfig.from_pretrained(model)
-        with torch.device("meta"):
-            n_params = sum(t.numel() for t in AutoModelForCausalLM.from_config(cfg).parameters())
+        model, cfg, n_params = random_opt(tmp / "model", args)
         ds = zero3_configs(tmp)
         for backend, world, replicas in plan:
             for method in methods:
@@ -376,17 +349,10 @@ def main(argv: list[str] | None = None) -> None:
                       + (f"  cross-replica {fmt_bytes(row['cross_replica_bytes'])}" if replicas > 1 else ""), flush=True)
     param_bytes = n_params * 4
     add_ratios(rows, param_bytes)
-    meta = {"model": f"random-weight OPT, hidden {cfg.hidden_size}, {cfg.num_hidden_layers} layers, ffn {cfg.ffn_dim}, "
-                     f"{n_params / 1e6:.1f}M parameters",
+    meta = {"model": describe_opt(cfg, n_params),
             "parameters": n_params, "param_bytes": param_bytes, "micro_batch": args.batch, "seq": args.seq,
-            "steps": args.steps,
-            "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}, gloo"}
-    out = Path(args.results)
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out / "comm_volume.json", json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
-    atomic_write_text(out / "comm_volume.md", markdown(rows, meta))
-    chart(rows, out / "comm_volume.png", meta)
-    print(markdown(rows, meta))
+            "steps": args.steps, "machine": machine(comm="gloo")}
+    write_results(args.results, "comm_volume", meta, rows, markdown(rows, meta), lambda rows, path: chart(rows, path, meta))
 
 
 if __name__ == "__main__":

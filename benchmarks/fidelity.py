@@ -62,7 +62,7 @@ from typing import Any, Callable
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.common import machine, save_figure  # noqa: E402
+from benchmarks.common import machine, rank_env, save_figure, write_results  # noqa: E402
 
 TRAIN = ROOT / "launch" / "train.py"
 DEFAULT_DATA = Path(os.environ.get("MEZO_DIST_DATA", ROOT.parent / "shared" / "data"))
@@ -200,17 +200,7 @@ def base_flags(args: argparse.Namespace, task: str, template: str, out: Path, *,
 
 
 def run_env() -> dict[str, str]:
-    env = dict(os.environ)
-    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(k, None)  # one process, whatever launched us
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        cores = os.cpu_count() or 1
-    env.update(OMP_NUM_THREADS=str(max(1, cores)), PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false",
-               DS_ACCELERATOR=os.environ.get("DS_ACCELERATOR", "cpu"))
-    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
-    return env
+    return rank_env(1)  # one process, whatever launched us, with every core
 
 
 def scalars_from_tensorboard(logdir: Path, tags: list[str]) -> dict[str, list[list[float]]]:
@@ -434,12 +424,7 @@ def plot(rows: list[dict], meta: dict, path: Path) -> None:
 
 
 def write_all(out: Path, name: str, rows: list[dict], meta: dict, methods: list[str], args) -> None:
-    from mezo_dist.metrics import atomic_write_text
-
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out / f"{name}.json", json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
-    atomic_write_text(out / f"{name}.md", markdown(rows, meta, methods, args))
-    plot(rows, meta, out / f"{name}.png")
+    write_results(out, name, meta, rows, markdown(rows, meta, methods, args), lambda rows, path: plot(rows, meta, path))
 
 
 def model_label(name: str) -> str:

@@ -21,8 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import sys
 from pathlib import Path
 
@@ -31,7 +29,7 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
-from benchmarks.common import sync, timed, write_results  # noqa: E402
+from benchmarks.common import machine, sync, timed, write_results  # noqa: E402
 
 # A stand-in for the OPT sizes in --dry-run: small enough for a CPU in CI, same code path.
 TINY = (64, 2, 128, 512, 4)
@@ -214,7 +212,7 @@ def main(argv: list[str] | None = None) -> int:
         rows.append(row)
         print(json.dumps(row), flush=True)
     meta = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU",
-            "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}",
+            "machine": machine(),
             "copy_bandwidth_gb_s": args.copy_bw / 1e9, "batch": args.batch, "seq_len": args.seq,
             "iters": args.iters, "dry_run": args.dry_run}
     write_results(args.results, "gpu_check", meta, rows, markdown(rows, meta), chart)

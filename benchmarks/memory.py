@@ -4,7 +4,7 @@ paper's memory table), at world size 1 and 2.
 
     python benchmarks/memory.py                        # random-weight OPT, ~32M parameters, batch 8 x 128
     python benchmarks/memory.py --worlds 1 --steps 3   # faster
-    python benchmarks/memory.py --zero3                # also MeZO and FT under DeepSpeed ZeRO-3 at world 2
+    python benchmarks/memory.py --zero3                # also mezo and backprop under DeepSpeed ZeRO-3 at world 2
 
 How each figure is measured:
 
@@ -25,8 +25,8 @@ How each figure is measured:
   the model, its activations, gradients and optimizer states take; the ratios against inference
   are computed on that part (the comparable figure to the paper's GPU memory) and on the total.
 
-At world size 2 every method runs on FSDP2 (prefix tuning included), and with ``--zero3`` MeZO and
-FT also run on DeepSpeed ZeRO-3 (FT through a temporary copy of ``ds_configs/zero3_adamw.json``
+At world size 2 every method runs on FSDP2 (prefix tuning included), and with ``--zero3`` mezo and
+backprop also run on DeepSpeed ZeRO-3 (backprop through a temporary copy of ``ds_configs/zero3_adamw.json``
 with ``"torch_adam": true``, so that DeepSpeed needs no compiled Adam op); ZeRO-3 rows are compared
 with FSDP2 inference.
 
@@ -38,11 +38,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import os
-import platform
-import signal
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -50,50 +46,22 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from benchmarks.common import adamw_torch_config, free_port, read_scalars, save_figure, write_text_data  # noqa: E402
+from benchmarks.common import (  # noqa: E402
+    TRAINER_FLAG, adamw_torch_config, machine, parser, random_opt, read_scalars, run_ranks, save_figure, write_results,
+    write_text_data)
 
-# name -> (trainer, extra flags)
+# name -> (method, extra flags)
 METHODS = {
     "inference": (None, []),
-    "MeZO": ("zo", []),
-    "MeZO+LoRA": ("zo", ["--lora"]),
-    "MeZO+prefix": ("zo", ["--prefix_tuning"]),
-    "FT": ("regular", []),
-    "FT+LoRA": ("regular", ["--lora"]),
-    "FT+prefix": ("regular", ["--prefix_tuning"]),
+    "mezo": ("mezo", []),
+    "mezo+lora": ("mezo", ["--lora"]),
+    "mezo+prefix": ("mezo", ["--prefix_tuning"]),
+    "backprop": ("backprop", []),
+    "backprop+lora": ("backprop", ["--lora"]),
+    "backprop+prefix": ("backprop", ["--prefix_tuning"]),
 }
-LR = {"zo": "1e-6", "regular": "1e-5"}
+LR = {"mezo": "1e-6", "backprop": "1e-5"}
 BASE_DIMS = {}  # make_tiny_model's defaults: hidden 38, 2 layers
-
-
-def env_for(world: int) -> dict[str, str]:
-    env = dict(os.environ)
-    cpus = os.cpu_count() or 1
-    env.update(OMP_NUM_THREADS=str(max(1, cpus // world)), DS_ACCELERATOR=env.get("DS_ACCELERATOR", "cpu"),
-               PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false")
-    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
-    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(k, None)
-    return env
-
-
-def run(cmd: list[str], world: int, timeout: int) -> float:
-    """Run a command in its own session (a timeout ends the launcher and its ranks); wall seconds."""
-    prefix = [sys.executable]
-    if world > 1:
-        prefix += ["-m", "torch.distributed.run", "--nproc_per_node", str(world), "--master_port", str(free_port())]
-    t0 = time.perf_counter()
-    with subprocess.Popen(prefix + cmd, cwd=ROOT, env=env_for(world), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                          text=True, start_new_session=True) as p:
-        try:
-            out, err = p.communicate(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            os.killpg(p.pid, signal.SIGKILL)
-            p.communicate()
-            raise RuntimeError(f"timed out after {timeout}s: {' '.join(cmd)}") from None
-    if p.returncode != 0:
-        raise RuntimeError(f"failed ({p.returncode}): {' '.join(cmd)}\n{out[-2000:]}\n{err[-4000:]}")
-    return time.perf_counter() - t0
 
 
 # ----------------------------------------------------------------------------------------------
@@ -148,18 +116,18 @@ def worker(args: argparse.Namespace) -> None:
 # driver
 
 
-def measure_train(args, model: Path, train_file: Path, out: Path, trainer: str, flags: list[str], backend: str,
+def measure_train(args, model: Path, train_file: Path, out: Path, method: str, flags: list[str], backend: str,
                   world: int, ds_config: Path | None) -> dict:
     cmd = ["launch/train.py", "--model_name_or_path", str(model), "--train_file", str(train_file),
            "--max_length", str(args.max_length), "--per_device_train_batch_size", str(args.batch),
            "--max_steps", str(args.steps), "--logging_steps", "1", "--report_to", "tensorboard",
-           "--disable_tqdm", "--output_dir", str(out), "--overwrite_output_dir", "--trainer", trainer,
-           "--learning_rate", LR[trainer], *flags]
+           "--disable_tqdm", "--output_dir", str(out), "--overwrite_output_dir", "--trainer", TRAINER_FLAG[method],
+           "--learning_rate", LR[method], *flags]
     if ds_config is not None:
         cmd += ["--ds_config", str(ds_config)]
     else:
         cmd += ["--backend", backend]
-    wall = run(cmd, world, args.timeout)
+    wall, _, _ = run_ranks(cmd, world, timeout=args.timeout, what=f"{method} {backend} x{world}")
     sc = read_scalars(out / "tensorboard")
     # Windows: logger.memory(step) after step index `step`; skip index 0 (it also holds loading) and
     # the final window (export), which train.py logs at step index max_steps.
@@ -180,7 +148,7 @@ def measure_infer(args, model: Path, train_file: Path, out: Path, backend: str, 
     cmd = [__file__, "--worker", "--backend", backend, "--model", str(model), "--train_file", str(train_file),
            "--max_length", str(args.max_length), "--batch", str(args.batch), "--steps", str(args.steps),
            "--out", str(res)]
-    wall = run(cmd, world, args.timeout)
+    wall, _, _ = run_ranks(cmd, world, timeout=args.timeout, what=f"inference {backend} x{world}")
     rows = json.loads(res.read_text())
     return {"peak_per_rank": [r["peak"] for r in rows], "step_s": rows[0]["time"], "shape": rows[0]["shape"],
             "wall_s": wall, "method": "in-process forward under no_grad (benchmarks/memory.py worker)"}
@@ -195,14 +163,14 @@ def plan(args) -> list[dict]:
         for m in methods:
             cells.append({"world": world, "name": m, "backend": sharded, "zero3": False})
         if world > 1 and args.zero3:
-            for m in ("MeZO", "FT"):
+            for m in ("mezo", "backprop"):
                 if m in methods:
                     cells.append({"world": world, "name": m, "backend": "zero3", "zero3": True})
     return cells
 
 
 def zero3_configs(tmp: Path) -> dict[str, Path]:
-    return {"zo": ROOT / "ds_configs" / "zero3.json", "regular": adamw_torch_config(tmp)}
+    return {"mezo": ROOT / "ds_configs" / "zero3.json", "backprop": adamw_torch_config(tmp)}
 
 
 def fmt_gib(b: float) -> str:
@@ -268,7 +236,7 @@ def markdown(cells: list[dict], baselines: dict, meta: dict) -> str:
         lines += ["", note]
     lines += ["", "Peak and baseline list rank 0 / rank 1 at world size 2; model part and ratios use the larger rank.",
               "Inference time is one forward; MeZO's step makes two forwards and three perturbation passes; "
-              "FT's step a forward, a backward and an AdamW update."]
+              "backprop's step a forward, a backward and an AdamW update."]
     return "\n".join(lines) + "\n"
 
 
@@ -281,7 +249,7 @@ def chart(cells: list[dict], path: Path, meta: dict) -> None:
     ok = [c for c in cells if "error" not in c and c.get("model_part_max") is not None]
     worlds = sorted({c["world"] for c in ok})
     fig, axes = plt.subplots(1, len(worlds), figsize=(6 * len(worlds), 4.5), squeeze=False)
-    colors = {"inference": "#777777", "MeZO": "#1f77b4", "FT": "#d62728"}
+    colors = {"inference": "#777777", "mezo": "#1f77b4", "backprop": "#d62728"}
     for ax, w in zip(axes[0], worlds):
         rows = [c for c in ok if c["world"] == w]
         names = [f"{c['name']}\n{c['backend']}" for c in rows]
@@ -303,18 +271,13 @@ def chart(cells: list[dict], path: Path, meta: dict) -> None:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--hidden", type=int, default=512)
-    p.add_argument("--layers", type=int, default=10)
-    p.add_argument("--ffn", type=int, default=2048)
+    p = parser(__doc__, timeout=600, model_shape=(512, 10, 2048))
     p.add_argument("--batch", type=int, default=8, help="micro-batch per rank")
     p.add_argument("--max_length", type=int, default=128)
     p.add_argument("--steps", type=int, default=4, help="training steps (or forwards) per run; the first is left out")
     p.add_argument("--worlds", default="1,2")
     p.add_argument("--methods", default=",".join(METHODS))
-    p.add_argument("--zero3", action="store_true", help="also MeZO and FT under DeepSpeed ZeRO-3 at world size > 1")
-    p.add_argument("--timeout", type=int, default=600, help="seconds per run")
-    p.add_argument("--results", default=str(ROOT / "benchmarks" / "results"))
+    p.add_argument("--zero3", action="store_true", help="also mezo and backprop under DeepSpeed ZeRO-3 at world size > 1")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--backend", help=argparse.SUPPRESS)
     p.add_argument("--model", help=argparse.SUPPRESS)
@@ -326,21 +289,14 @@ def main() -> None:
     if args.steps < 2:
         p.error("--steps must be at least 2 (the first step is left out)")
 
-    import torch
-
-    from mezo_dist.metrics import atomic_write_text
     from mezo_dist.testing import make_tiny_model
 
     cells = plan(args)
     t_start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="mezo_memory_") as tmp:
         tmp = Path(tmp)
-        model = make_tiny_model(tmp / "model", "opt", hidden=args.hidden, layers=args.layers, ffn=args.ffn)
+        model, _, n_params = random_opt(tmp / "model", args)
         base_model = make_tiny_model(tmp / "base", "opt", **BASE_DIMS)
-        from transformers import AutoConfig, AutoModelForCausalLM
-
-        with torch.device("meta"):
-            n_params = sum(t.numel() for t in AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model)).parameters())
         train_file = tmp / "train.jsonl"
         write_text_data(train_file, n=max(64, 2 * args.batch * args.steps * 2), min_chars=2 * args.max_length)
         ds = zero3_configs(tmp) if args.zero3 else {}
@@ -348,15 +304,15 @@ def main() -> None:
         def measure(c: dict, mdl: Path, out: Path) -> dict:
             if c["name"] == "inference":
                 return measure_infer(args, mdl, train_file, out, c["backend"], c["world"])
-            trainer, flags = METHODS[c["name"]]
-            return measure_train(args, mdl, train_file, out, trainer, flags, c["backend"], c["world"],
-                                 ds[trainer] if c["backend"] == "zero3" else None)
+            method, flags = METHODS[c["name"]]
+            return measure_train(args, mdl, train_file, out, method, flags, c["backend"], c["world"],
+                                 ds[method] if c["backend"] == "zero3" else None)
 
         # Baselines: each runner (inference worker / train.py) per backend and world size, tiny model.
         baselines = {}
         keys = sorted({("infer" if c["name"] == "inference" else "train", c["backend"], c["world"]) for c in cells})
         for kind, backend, world in keys:
-            c = {"name": "inference" if kind == "infer" else "MeZO", "backend": backend, "world": world}
+            c = {"name": "inference" if kind == "infer" else "mezo", "backend": backend, "world": world}
             try:
                 baselines[(kind, backend, world)] = measure(c, base_model, tmp / f"base-{kind}-{backend}{world}")
             except RuntimeError as e:
@@ -384,24 +340,14 @@ def main() -> None:
                       f"char tokenizer), {n_params / 1e6:.1f}M parameters",
         "parameters": n_params, "hidden": args.hidden, "layers": args.layers, "ffn": args.ffn,
         "batch": args.batch, "max_length": args.max_length, "steps": args.steps,
-        "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}, "
-                   f"{'CUDA ' + torch.cuda.get_device_name() if torch.cuda.is_available() else 'no GPU (gloo)'}",
+        "machine": machine(comm="gloo"),
         "date": datetime.date.today().isoformat(),
         "total_wall_s": round(time.perf_counter() - t_start, 1),
         "notes": [],
     }
-    out = Path(args.results)
-    out.mkdir(parents=True, exist_ok=True)
-    data = {"meta": meta, "baselines": [{"runner": k[0], "backend": k[1], "world": k[2], **v} for k, v in baselines.items()],
-            "rows": cells}
-    atomic_write_text(out / "memory.json", json.dumps(data, indent=2) + "\n")
-    md = markdown(cells, baselines, meta)
-    atomic_write_text(out / "memory.md", md)
-    try:
-        chart(cells, out / "memory.png", meta)
-    except ImportError:
-        print("matplotlib is not installed: no chart", flush=True)
-    print(md)
+    baseline_rows = [{"runner": k[0], "backend": k[1], "world": k[2], **v} for k, v in baselines.items()]
+    write_results(args.results, "memory", meta, cells, markdown(cells, baselines, meta),
+                  lambda rows, path: chart(rows, path, meta), extra={"baselines": baseline_rows})
 
 
 if __name__ == "__main__":

@@ -23,9 +23,6 @@ it the chart is skipped.
 
 from __future__ import annotations
 
-import argparse
-import os
-import platform
 import sys
 import time
 from pathlib import Path
@@ -35,7 +32,7 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
-from benchmarks.common import sync, timed, write_results  # noqa: E402
+from benchmarks.common import machine, parser, save_figure, timed, write_results  # noqa: E402
 
 # SmolLM2-135M's shapes (its config.json): tied embeddings, 30 layers, hidden 576, GQA 9/3 heads.
 SMOLLM2_135M = dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
@@ -161,22 +158,19 @@ def chart(rows: list[dict], path: Path) -> bool:
     for i, v in enumerate(values):
         ax.text(i, v, f"{v:.2f}", ha="center", va="bottom")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    save_figure(fig, path, dpi=120)
     return True
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = parser(__doc__)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--results", default=str(ROOT / "benchmarks" / "results"))
     args = p.parse_args()
     device = torch.device(args.device)
     rows = measure(device, args.repeats)
-    machine = f"{platform.machine()}, {os.cpu_count()} CPU cores, {torch.get_num_threads()} threads, torch {torch.__version__}"
-    if device.type == "cuda":
-        machine += f", {torch.cuda.get_device_name(device)}"
-    meta = {"elements": rows[0]["elements"], "repeats": args.repeats, "machine": machine, "bw": bandwidth(device)}
+    meta = {"elements": rows[0]["elements"], "repeats": args.repeats, "machine": machine(threads=True),
+            "bw": bandwidth(device)}
     write_results(args.results, "perturb", meta, rows, markdown(rows, meta), chart)
 
 

@@ -39,7 +39,7 @@ ORDER = ("step_cost", "memory", "perturb", "scaling", "comm_volume", "fidelity")
 ARGS = {
     "step_cost": ([], ["--configs", "single:1,fsdp:2", "--iters", "2", "--warmup", "1", "--batch", "4", "--seq", "16"]),
     "memory": ([], ["--worlds", "1", "--steps", "2", "--hidden", "128", "--layers", "2", "--ffn", "256",
-                    "--batch", "2", "--max_length", "32", "--methods", "inference,MeZO,FT"]),
+                    "--batch", "2", "--max_length", "32", "--methods", "inference,mezo,backprop"]),
     "perturb": ([], ["--repeats", "1"]),
     "scaling": ([], ["--worlds", "1,2", "--steps", "3", "--hidden", "128", "--layers", "2", "--ffn", "256",
                      "--batch", "2", "--max_length", "32"]),

@@ -21,29 +21,21 @@ there measures contention, not the method.
 
 from __future__ import annotations
 
-import argparse
 import json
-import os
-import platform
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from benchmarks.common import free_port, read_scalars, write_text_data  # noqa: E402
+from benchmarks.common import (  # noqa: E402
+    TRAINER_FLAG, cores, describe_opt, machine, parser, random_opt, read_scalars, run_ranks, save_figure,
+    threads_per_rank, write_results, write_text_data)
 
-TRAINERS = {"mezo": "zo", "backprop": "regular"}
 # Learning rates only keep the runs sane; throughput does not depend on them.
 LEARNING_RATE = {"mezo": 1e-6, "backprop": 1e-5}
-
-
-def threads_per_rank(world: int) -> int:
-    return max(1, (os.cpu_count() or 1) // world)
 
 
 def throughput(out: Path, micro: int, world: int) -> dict:
@@ -64,26 +56,14 @@ def throughput(out: Path, micro: int, world: int) -> dict:
 
 
 def run_one(args, model: Path, train_file: Path, out: Path, method: str, backend: str, world: int) -> dict:
-    env = dict(os.environ, DS_ACCELERATOR=os.environ.get("DS_ACCELERATOR", "cpu"), PYTHONUNBUFFERED="1",
-               TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS=str(threads_per_rank(world)))
-    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
-    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(k, None)
-    cmd = [sys.executable]
-    if world > 1:
-        cmd += ["-m", "torch.distributed.run", "--nproc_per_node", str(world), "--master_port", str(free_port())]
-    cmd += [str(ROOT / "launch" / "train.py"), "--model_name_or_path", str(model), "--train_file", str(train_file),
-            "--output_dir", str(out), "--backend", backend, "--trainer", TRAINERS[method],
-            "--learning_rate", str(LEARNING_RATE[method]), "--max_steps", str(args.steps),
-            "--per_device_train_batch_size", str(args.batch), "--max_length", str(args.max_length),
-            "--logging_steps", "1", "--report_to", "tensorboard", "--seed", "0"]
-    t0 = time.perf_counter()
-    proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=args.timeout)
-    wall = time.perf_counter() - t0
-    if proc.returncode != 0:
-        raise RuntimeError(f"{method} {backend} x{world} failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
+    cmd = [ROOT / "launch" / "train.py", "--model_name_or_path", model, "--train_file", train_file,
+           "--output_dir", out, "--backend", backend, "--trainer", TRAINER_FLAG[method],
+           "--learning_rate", LEARNING_RATE[method], "--max_steps", args.steps,
+           "--per_device_train_batch_size", args.batch, "--max_length", args.max_length,
+           "--logging_steps", "1", "--report_to", "tensorboard", "--seed", "0"]
+    wall, _, _ = run_ranks(cmd, world, timeout=args.timeout, what=f"{method} {backend} x{world}")
     row = {"method": method, "backend": backend, "world_size": world, "omp_threads": threads_per_rank(world),
-           "oversubscribed": world * threads_per_rank(world) > (os.cpu_count() or 1), "wall_s": wall}
+           "oversubscribed": world * threads_per_rank(world) > cores(), "wall_s": wall}
     row.update(throughput(out, args.batch, world))
     return row
 
@@ -150,30 +130,19 @@ def chart(rows: list[dict], path: Path, meta: dict) -> bool:
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    save_figure(fig, path, dpi=100)
     return True
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--hidden", type=int, default=512)
-    p.add_argument("--layers", type=int, default=8)
-    p.add_argument("--ffn", type=int, default=2048)
+    p = parser(__doc__, timeout=600, model_shape=(512, 8, 2048))
     p.add_argument("--batch", type=int, default=4, help="micro-batch per rank")
     p.add_argument("--max_length", type=int, default=64)
     p.add_argument("--steps", type=int, default=4, help="steps per run; the first is left out")
     p.add_argument("--worlds", default="1,2,4", help="fsdp world sizes")
     p.add_argument("--methods", default="mezo,backprop")
     p.add_argument("--no_single", action="store_true", help="leave out the single x1 rows")
-    p.add_argument("--timeout", type=int, default=600, help="seconds per run")
-    p.add_argument("--results", default=str(ROOT / "benchmarks" / "results"))
     args = p.parse_args(argv)
-
-    import torch
-
-    from mezo_dist.metrics import atomic_write_text
-    from mezo_dist.testing import make_tiny_model
 
     methods = [m for m in args.methods.split(",") if m]
     worlds = [int(w) for w in args.worlds.split(",") if w]
@@ -182,12 +151,7 @@ def main(argv: list[str] | None = None) -> None:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        model = make_tiny_model(tmp / "model", "opt", hidden=args.hidden, layers=args.layers, ffn=args.ffn)
-        from transformers import AutoConfig, AutoModelForCausalLM
-
-        cfg = AutoConfig.from_pretrained(model)
-        with torch.device("meta"):
-            n_params = sum(t.numel() for t in AutoModelForCausalLM.from_config(cfg).parameters())
+        model, cfg, n_params = random_opt(tmp / "model", args)
         n_examples = args.batch * max(worlds + [1]) * (args.steps + 1)
         train_file = tmp / "train.jsonl"
         # One character is one token for the test tokenizer: every example fills max_length.
@@ -201,20 +165,12 @@ def main(argv: list[str] | None = None) -> None:
                       f"{row['tokens_per_s']:.0f} tok/s  (wall {row['wall_s']:.0f}s)", flush=True)
                 shutil.rmtree(out, ignore_errors=True)
     add_ratios(rows)
-    cores = os.cpu_count() or 1
-    meta = {"model": f"random-weight OPT, hidden {cfg.hidden_size}, {cfg.num_hidden_layers} layers, ffn {cfg.ffn_dim}, "
-                     f"{n_params / 1e6:.1f}M parameters",
+    meta = {"model": describe_opt(cfg, n_params),
             "parameters": n_params, "micro_batch": args.batch, "max_length": args.max_length, "steps": args.steps,
-            "data": "SST-2 train sentences", "cores": cores,
+            "data": "SST-2 train sentences", "cores": cores(),
             "oversubscribed_worlds": sorted({r["world_size"] for r in rows if r["oversubscribed"]}),
-            "machine": f"{platform.machine()}, {cores} CPU cores, torch {torch.__version__}, gloo"
-            + (f", {torch.cuda.get_device_name()}" if torch.cuda.is_available() else "")}
-    out = Path(args.results)
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out / "scaling.json", json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
-    atomic_write_text(out / "scaling.md", markdown(rows, meta))
-    chart(rows, out / "scaling.png", meta)
-    print(markdown(rows, meta))
+            "machine": machine(comm="gloo")}
+    write_results(args.results, "scaling", meta, rows, markdown(rows, meta), lambda rows, path: chart(rows, path, meta))
 
 
 if __name__ == "__main__":

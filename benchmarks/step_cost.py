@@ -8,7 +8,7 @@ rank's parameters, and peak memory during the steps against peak memory during i
     python benchmarks/step_cost.py --model_name_or_path facebook/opt-1.3b --batch 16 --seq 256
 
 Each configuration runs in its own processes (``torchrun`` for world size 2). Results go to
-``benchmarks/results/step_cost.{json,md}``. Memory is the CUDA allocator's peak on GPU and the
+``benchmarks/results/step_cost.{json,md,png}``. Memory is the CUDA allocator's peak on GPU and the
 resident-set high-water mark on CPU (VmHWM, reset between the inference and the step windows,
 measured after the timings with glibc told to return large frees to the system).
 """
@@ -17,10 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -28,6 +25,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from benchmarks.common import machine, parser, run_ranks, save_figure, write_results  # noqa: E402
 
 CONFIGS = [("single", 1), ("fsdp", 1), ("zero3", 1), ("single", 2), ("fsdp", 2), ("zero3", 2)]
 
@@ -137,19 +136,9 @@ def worker(args: argparse.Namespace) -> None:
 
 
 def launch(args: argparse.Namespace, backend: str, world: int, out: Path) -> list[dict]:
-    env = dict(os.environ, DS_ACCELERATOR=os.environ.get("DS_ACCELERATOR", "cpu"), PYTHONUNBUFFERED="1")
-    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
-    cpus = os.cpu_count() or 1
-    env.setdefault("OMP_NUM_THREADS", str(max(1, cpus // world)))
-    cmd = [sys.executable]
-    if world > 1:
-        cmd += ["-m", "torch.distributed.run", "--nproc_per_node", str(world), "--master_port", str(29600 + world)]
-    cmd += [__file__, "--worker", "--backend", backend, "--out", str(out), "--model_name_or_path", args.model_name_or_path,
-            "--batch", str(args.batch), "--seq", str(args.seq), "--dtype", args.dtype,
-            "--iters", str(args.iters), "--warmup", str(args.warmup)]
-    proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise RuntimeError(f"{backend} x{world} failed:\n{proc.stderr[-4000:]}")
+    run_ranks([__file__, "--worker", "--backend", backend, "--out", out, "--model_name_or_path", args.model_name_or_path,
+               "--batch", args.batch, "--seq", args.seq, "--dtype", args.dtype, "--iters", args.iters,
+               "--warmup", args.warmup], world, timeout=None, what=f"{backend} x{world}")
     return json.loads(out.read_text())
 
 
@@ -172,7 +161,7 @@ def markdown(rows: list[dict], meta: dict) -> str:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = parser(__doc__)
     p.add_argument("--model_name_or_path", default="smollm2-135m")
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--seq", type=int, default=32)
@@ -181,7 +170,6 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--configs", default=",".join(f"{b}:{w}" for b, w in CONFIGS),
                    help="comma-separated backend:world pairs")
-    p.add_argument("--results", default=str(ROOT / "benchmarks" / "results"))
     p.add_argument("--tag", default="", help="suffix for the result files")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--backend", help=argparse.SUPPRESS)
@@ -203,17 +191,34 @@ def main() -> None:
             print(f"{backend:>6} x{world}: 2 fwd {2 * r['forward_s']:.3f}s  step {r['step_s']:.3f}s  "
                   f"({r['step_over_two_forwards']:.2f}x)  memory {r['memory_ratio']:.3f}x", flush=True)
     meta = {"model": Path(args.model_name_or_path).name, "global_batch": args.batch, "seq_len": args.seq,
-            "dtype": args.dtype, "iters": args.iters, "warmup": args.warmup,
-            "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, torch {__import__('torch').__version__}"
-            + (f", {__import__('torch').cuda.get_device_name()}" if __import__("torch").cuda.is_available() else "")}
-    out = Path(args.results)
-    out.mkdir(parents=True, exist_ok=True)
+            "dtype": args.dtype, "iters": args.iters, "warmup": args.warmup, "machine": machine()}
     name = "step_cost" + (f"_{args.tag}" if args.tag else "")
-    from mezo_dist.metrics import atomic_write_text
+    write_results(args.results, name, meta, rows, markdown(rows, meta), chart)
 
-    atomic_write_text(out / f"{name}.json", json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
-    atomic_write_text(out / f"{name}.md", markdown(rows, meta))
-    print(markdown(rows, meta))
+
+def chart(rows: list[dict], path: Path) -> bool:
+    """Step time over two forwards, and step memory over inference memory, per configuration."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("step_cost: matplotlib not installed, no chart")
+        return False
+    names = [f"{r['backend']} x{r['world_size']}" for r in rows]
+    fig, (t, m) = plt.subplots(1, 2, figsize=(max(7, 1.6 * len(rows)), 3.8))
+    t.bar(names, [r["step_over_two_forwards"] for r in rows])
+    t.axhline(1.0, color="grey", lw=0.8)
+    t.set_ylabel("MeZO step / two forwards")
+    m.bar(names, [r["memory_ratio"] for r in rows], color="#d62728")
+    m.axhline(1.0, color="grey", lw=0.8)
+    m.set_ylabel("step / inference peak memory")
+    for ax in (t, m):
+        ax.tick_params(axis="x", labelsize=8)
+    fig.tight_layout()
+    save_figure(fig, path)
+    return True
 
 
 if __name__ == "__main__":
