@@ -47,7 +47,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.common import machine, save_figure, write_results  # noqa: E402
+from benchmarks.common import machine, parser, save_figure, write_results  # noqa: E402
 from benchmarks.fidelity import DEFAULT_DATA, Method, check_data, model_label, run_one  # noqa: E402
 
 OPTIMIZERS = ("mezo", "fzoo", "sparse", "adamezo", "backprop")
@@ -242,7 +242,7 @@ def chart(rows: list[dict], path: Path) -> None:
 
 # ------------------------------------------------------------------------------------------ main
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = parser(__doc__)
     p.add_argument("--tasks", default="SST2,RTE", help="comma-separated task names (local data needed)")
     p.add_argument("--template", default="paper", help="prompt template of every task")
     p.add_argument("--optimizers", default=",".join(OPTIMIZERS), help=f"comma-separated, from {', '.join(OPTIMIZERS)}")
@@ -262,7 +262,6 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--zo_eps", type=float, default=1e-3)
     p.add_argument("--max_length", type=int, default=None)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--results", default=str(ROOT / "benchmarks" / "results"))
     p.add_argument("--tag", default="")
     p.add_argument("--append", action="store_true", help="keep the runs already in the results file")
     p.add_argument("--plan", action="store_true", help="print each run's steps and dev interval; run nothing")
