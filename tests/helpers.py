@@ -17,6 +17,14 @@ def data_dir() -> Path:
     return Path(os.environ.get("MEZO_DIST_DATA", ROOT.parent / "shared" / "data"))
 
 
+def load_benchmark(name: str):
+    """``benchmarks/<name>.py`` as a module, once per session (its dataclasses look their module
+    up in ``sys.modules`` while they are built)."""
+    import importlib
+
+    return importlib.import_module(f"benchmarks.{name}")
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -3,24 +3,16 @@ budget-to-steps conversion, the lr sweep's parsing, and the summary and table of
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 
 import pytest
 
-from tests.helpers import ROOT
+from tests.helpers import ROOT, load_benchmark
 
 SCRIPT = ROOT / "benchmarks" / "convergence.py"
 
 
 def _load():
-    if "convergence_bench" in sys.modules:
-        return sys.modules["convergence_bench"]
-    spec = importlib.util.spec_from_file_location("convergence_bench", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["convergence_bench"] = mod
-    spec.loader.exec_module(mod)
-    return mod
+    return load_benchmark("convergence")
 
 
 def test_forwards_per_step() -> None:

@@ -2,26 +2,19 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import sys
 from pathlib import Path
 
 import pytest
 
-from tests.helpers import ROOT, run_cmd
+from tests.helpers import ROOT, load_benchmark, run_cmd
 
 SCRIPT = ROOT / "benchmarks" / "fidelity.py"
 
 
 def _load():
-    if "fidelity_bench" in sys.modules:
-        return sys.modules["fidelity_bench"]
-    spec = importlib.util.spec_from_file_location("fidelity_bench", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["fidelity_bench"] = mod  # dataclasses look their module up while the class is built
-    spec.loader.exec_module(mod)
-    return mod
+    return load_benchmark("fidelity")
 
 
 def test_fidelity_smoke(tiny_models: dict[str, Path], real_data: Path, tmp_path: Path) -> None:

@@ -3,21 +3,14 @@
 from __future__ import annotations
 
 import argparse
-import importlib.util
-import sys
 
 import pytest
 
-from tests.helpers import ROOT
+from tests.helpers import load_benchmark
 
 
 def _load():
-    if "memory_bench" not in sys.modules:
-        spec = importlib.util.spec_from_file_location("memory_bench", ROOT / "benchmarks" / "memory.py")
-        mod = importlib.util.module_from_spec(spec)
-        sys.modules["memory_bench"] = mod
-        spec.loader.exec_module(mod)
-    return sys.modules["memory_bench"]
+    return load_benchmark("memory")
 
 
 def test_plan_shards_every_method_and_adds_zero3() -> None:
