@@ -151,16 +151,34 @@ class RankPool:
                     kind, value = conn.recv()
                     pending.discard(rank)
                     if kind == "error":
-                        self.close(kill=True)
-                        raise RankFailed(f"rank {rank} failed in {what}:\n{value}")
+                        self._fail(f"rank {rank} failed in {what}:\n{value}", pending, what)
                     results[rank] = value
                 elif not proc.is_alive():
-                    self.close(kill=True)
-                    raise RankFailed(f"rank {rank} died in {what} (exit code {proc.exitcode})")
+                    self._fail(f"rank {rank} died in {what} (exit code {proc.exitcode})", pending - {rank}, what)
             if pending and time.monotonic() > deadline:
                 self.close(kill=True)
                 raise RankFailed(f"ranks {sorted(pending)} did not finish {what} within {timeout:.0f} s")
         return results
+
+    def _fail(self, first: str, others: set[int], what: str, *, wait_s: float = 10.0) -> None:
+        """End the pool and raise with every rank's failure: the first one seen is often a peer's
+        "connection closed", while the cause is in the traceback of the rank that failed first."""
+        reports = [first]
+        deadline = time.monotonic() + wait_s
+        others = set(others)
+        while others and time.monotonic() < deadline:
+            for rank in sorted(others):
+                conn, proc = self._conns[rank], self._procs[rank]
+                if conn.poll(0.05):
+                    kind, value = conn.recv()
+                    others.discard(rank)
+                    if kind == "error":
+                        reports.append(f"rank {rank} failed in {what}:\n{value}")
+                elif not proc.is_alive():
+                    others.discard(rank)
+                    reports.append(f"rank {rank} died in {what} (exit code {proc.exitcode})")
+        self.close(kill=True)
+        raise RankFailed("\n".join(reports))
 
     def run(self, fn: Callable[..., Any], *args: Any, timeout: float = 600) -> list[Any]:
         """``fn(state, *args)`` on every rank; the per-rank return values (picklable), rank order."""
