@@ -140,21 +140,30 @@ class RankPool:
             self._conns.append(parent)
         self._collect(timeout=GROUP_TIMEOUT_S, what="start-up")
 
+    def _poll(self, rank: int, what: str) -> tuple[bool, Any] | None:
+        """(True, the rank's answer), (False, why it failed), or None while it is still at work."""
+        conn, proc = self._conns[rank], self._procs[rank]
+        if conn.poll(0.05):
+            kind, value = conn.recv()
+            return (True, value) if kind != "error" else (False, f"rank {rank} failed in {what}:\n{value}")
+        if not proc.is_alive():
+            return False, f"rank {rank} died in {what} (exit code {proc.exitcode})"
+        return None
+
     def _collect(self, *, timeout: float, what: str) -> list[Any]:
         deadline = time.monotonic() + timeout
         results: list[Any] = [None] * self.world
         pending = set(range(self.world))
         while pending:
             for rank in sorted(pending):
-                conn, proc = self._conns[rank], self._procs[rank]
-                if conn.poll(0.05):
-                    kind, value = conn.recv()
-                    pending.discard(rank)
-                    if kind == "error":
-                        self._fail(f"rank {rank} failed in {what}:\n{value}", pending, what)
-                    results[rank] = value
-                elif not proc.is_alive():
-                    self._fail(f"rank {rank} died in {what} (exit code {proc.exitcode})", pending - {rank}, what)
+                got = self._poll(rank, what)
+                if got is None:
+                    continue
+                pending.discard(rank)
+                ok, value = got
+                if not ok:
+                    self._fail(value, pending, what)
+                results[rank] = value
             if pending and time.monotonic() > deadline:
                 self.close(kill=True)
                 raise RankFailed(f"ranks {sorted(pending)} did not finish {what} within {timeout:.0f} s")
@@ -168,15 +177,11 @@ class RankPool:
         others = set(others)
         while others and time.monotonic() < deadline:
             for rank in sorted(others):
-                conn, proc = self._conns[rank], self._procs[rank]
-                if conn.poll(0.05):
-                    kind, value = conn.recv()
+                got = self._poll(rank, what)
+                if got is not None:
                     others.discard(rank)
-                    if kind == "error":
-                        reports.append(f"rank {rank} failed in {what}:\n{value}")
-                elif not proc.is_alive():
-                    others.discard(rank)
-                    reports.append(f"rank {rank} died in {what} (exit code {proc.exitcode})")
+                    if not got[0]:
+                        reports.append(got[1])
         self.close(kill=True)
         raise RankFailed("\n".join(reports))
 
