@@ -30,7 +30,7 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
-from benchmarks.common import machine, parser, save_figure, write_results  # noqa: E402
+from benchmarks.common import machine, parser, pyplot, save_figure, write_results  # noqa: E402
 from benchmarks.perturb import SMOLLM2_135M  # noqa: E402
 
 
@@ -121,12 +121,8 @@ def markdown(rows: list[dict], meta: dict) -> str:
 
 
 def chart(rows: list[dict], path: Path) -> bool:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = pyplot("checkpoint_cost")
+    if plt is None:
         return False
     fig, ax = plt.subplots(figsize=(8, 4))
     labels = [r["what"].replace(" (", "\n(") for r in rows]

@@ -31,7 +31,16 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from benchmarks.common import (  # noqa: E402
-    adamw_torch_config, describe_opt, machine, parser, random_opt, run_ranks, save_figure, write_results)
+    adamw_torch_config,
+    describe_opt,
+    machine,
+    parser,
+    pyplot,
+    random_opt,
+    run_ranks,
+    save_figure,
+    write_results,
+)
 
 COLLECTIVES = ("all_reduce", "all_gather", "all_gather_into_tensor", "_all_gather_base", "all_gather_single",
                "all_gather_coalesced", "reduce_scatter", "reduce_scatter_tensor", "_reduce_scatter_base",
@@ -285,13 +294,8 @@ def markdown(rows: list[dict], meta: dict) -> str:
 
 
 def chart(rows: list[dict], path: Path, meta: dict) -> bool:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("comm_volume: matplotlib not installed, no chart")
+    plt = pyplot("comm_volume")
+    if plt is None:
         return False
     names = [f"{r['method']}\n{label(r)}" for r in rows]
     fig, ax = plt.subplots(figsize=(max(6, 1.3 * len(rows)), 4))

@@ -165,6 +165,20 @@ def write_results(folder, name: str, meta: dict, rows: list, markdown: str, char
     print(markdown)
 
 
+def pyplot(script: str):
+    """matplotlib's pyplot on the file-only backend, or None (said once) where matplotlib is not
+    installed: charts are optional, the JSON and markdown are the results."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print(f"{script}: matplotlib is not installed, no chart (pip install matplotlib)", file=sys.stderr)
+        return None
+    return plt
+
+
 def save_figure(fig, path: Path, *, dpi: int = 110) -> None:
     """Write a matplotlib figure atomically (a reader never sees half a PNG) and close it."""
     import matplotlib.pyplot as plt

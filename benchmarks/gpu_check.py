@@ -29,7 +29,7 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
-from benchmarks.common import machine, sync, timed, write_results  # noqa: E402
+from benchmarks.common import machine, pyplot, sync, timed, write_results  # noqa: E402
 
 # A stand-in for the OPT sizes in --dry-run: small enough for a CPU in CI, same code path.
 TINY = (64, 2, 128, 512, 4)
@@ -159,13 +159,8 @@ def markdown(rows: list[dict], meta: dict) -> str:
 
 
 def chart(rows: list[dict], path: Path) -> None:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib not installed: no chart", file=sys.stderr)
+    plt = pyplot("gpu_check")
+    if plt is None:
         return
     labels = [f"{r['model']}\n{k}" for r in rows for k in r["kernels"]]
     ratio = [v["step_over_two_forwards"] for r in rows for v in r["kernels"].values()]

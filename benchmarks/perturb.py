@@ -32,7 +32,7 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
-from benchmarks.common import machine, parser, save_figure, timed, write_results  # noqa: E402
+from benchmarks.common import machine, parser, pyplot, save_figure, timed, write_results  # noqa: E402
 
 # SmolLM2-135M's shapes (its config.json): tied embeddings, 30 layers, hidden 576, GQA 9/3 heads.
 SMOLLM2_135M = dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
@@ -140,13 +140,8 @@ def markdown(rows: list[dict], meta: dict) -> str:
 
 
 def chart(rows: list[dict], path: Path) -> bool:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib is not installed: no chart (pip install matplotlib)")
+    plt = pyplot("perturb")
+    if plt is None:
         return False
     labels = [f"{r['path']}\n{r['perturbation']}" for r in rows]
     values = [r["elements_per_s"] / 1e9 for r in rows]

@@ -31,8 +31,20 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from benchmarks.common import (  # noqa: E402
-    TRAINER_FLAG, cores, describe_opt, machine, parser, random_opt, read_scalars, run_ranks, save_figure,
-    threads_per_rank, write_results, write_text_data)
+    TRAINER_FLAG,
+    cores,
+    describe_opt,
+    machine,
+    parser,
+    pyplot,
+    random_opt,
+    read_scalars,
+    run_ranks,
+    save_figure,
+    threads_per_rank,
+    write_results,
+    write_text_data,
+)
 
 # Learning rates only keep the runs sane; throughput does not depend on them.
 LEARNING_RATE = {"mezo": 1e-6, "backprop": 1e-5}
@@ -110,13 +122,8 @@ def markdown(rows: list[dict], meta: dict) -> str:
 
 
 def chart(rows: list[dict], path: Path, meta: dict) -> bool:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("scaling: matplotlib not installed, no chart")
+    plt = pyplot("scaling")
+    if plt is None:
         return False
     fig, ax = plt.subplots(figsize=(6, 4))
     for method, marker in (("mezo", "o"), ("backprop", "s")):

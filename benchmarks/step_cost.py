@@ -26,7 +26,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.common import machine, parser, run_ranks, save_figure, write_results  # noqa: E402
+from benchmarks.common import machine, parser, pyplot, run_ranks, save_figure, write_results  # noqa: E402
 
 CONFIGS = [("single", 1), ("fsdp", 1), ("zero3", 1), ("single", 2), ("fsdp", 2), ("zero3", 2)]
 
@@ -198,13 +198,8 @@ def main() -> None:
 
 def chart(rows: list[dict], path: Path) -> bool:
     """Step time over two forwards, and step memory over inference memory, per configuration."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("step_cost: matplotlib not installed, no chart")
+    plt = pyplot("step_cost")
+    if plt is None:
         return False
     names = [f"{r['backend']} x{r['world_size']}" for r in rows]
     fig, (t, m) = plt.subplots(1, 2, figsize=(max(7, 1.6 * len(rows)), 3.8))
