@@ -1,4 +1,9 @@
-"""Gathered Hugging Face exports of a placed model, written atomically.
+"""Hugging Face exports of a placed model, written atomically.
+
+A sharded placement (FSDP2, ZeRO-3) exports per rank (:mod:`mezo_dist.hf_shards`): each tensor
+is gathered on its own and kept by the rank that writes it, so no process ever holds the model;
+a peft model exports its adapters only, gathered one at a time. A replica (``single``) writes
+the model it holds.
 
 The folder appears under its final name only once complete (written beside it under a
 temporary name, then renamed), so a crash mid-write never leaves a folder that looks valid.
@@ -10,6 +15,8 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+
+import torch
 
 from mezo_dist.checkpoint import run_markers
 from mezo_dist.errors import ConfigError
@@ -30,7 +37,10 @@ def check_export_dir(path: str | Path, *, overwrite: bool, flag: str = "--output
 
 
 def save_pretrained(placement: Placement, tokenizer, path: str | Path) -> None:
-    """Gather the model (collective) and write ``path`` in Hugging Face format from rank 0."""
+    """Write ``path`` in Hugging Face format (collective)."""
+    if placement.checkpoint_sources is not None:
+        _save_sharded(placement, tokenizer, Path(path))
+        return
     state_dict = placement.full_state_dict()
     if not placement.state.is_main:
         return
@@ -43,6 +53,66 @@ def save_pretrained(placement: Placement, tokenizer, path: str | Path) -> None:
     if tokenizer is not None:
         tokenizer.save_pretrained(tmp)
     publish_folder(tmp, path)
+
+
+def _save_sharded(placement: Placement, tokenizer, path: Path) -> None:
+    """Every rank writes its part into one temporary folder (made by rank 0, on storage every
+    rank sees, as for checkpoints); rank 0 adds the index, config and tokenizer and publishes."""
+    from mezo_dist import hf_shards
+
+    state, module = placement.state, placement.module
+    tmp = None
+    if state.is_main:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = fresh_folder_beside(path, f"tmp-{os.getpid()}")
+    tmp = Path(state.all_gather_object(str(tmp) if tmp else None)[0])
+    if _is_peft(module):
+        # Adapters only, as peft saves them: small, so rank 0 holds them all.
+        state_dict = {}
+        for name, slot, t in hf_shards.tensors(module):
+            if isinstance(t, torch.nn.Parameter) and t.requires_grad:
+                full = placement.gather_tensor(slot)
+                if state.is_main:
+                    state_dict[name] = full.detach().to("cpu", copy=True)
+        if state.is_main and not _save_prompt_learning(module, state_dict, tmp):
+            module.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
+    else:
+        entries = hf_shards.export_entries(module, placement.checkpoint_sources)
+        weight_map = hf_shards.write_shards(entries, placement.gather_tensor, tmp, rank=state.rank,
+                                            world=state.world_size)
+        if state.is_main:
+            hf_shards.write_index(tmp, weight_map, entries)
+            _save_config(module, tmp)
+    state.barrier()  # every rank's file is in the folder
+    if state.is_main:
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        publish_folder(tmp, path)
+    state.barrier()  # the export exists for every rank once this returns
+
+
+def _is_peft(module) -> bool:
+    return hasattr(module, "peft_config")
+
+
+def _save_config(module, folder: Path) -> None:
+    """The config (and generation config) ``save_pretrained`` writes beside the weights, naming
+    the model's own class rather than the wrapper class FSDP2 makes of it."""
+    import copy
+
+    from torch.distributed.fsdp import FSDPModule
+    from transformers import PreTrainedModel
+
+    cls = next(c for c in type(module).__mro__ if issubclass(c, PreTrainedModel) and not issubclass(c, FSDPModule))
+    config = copy.deepcopy(module.config)
+    config.architectures = [cls.__name__]
+    dtype = next((p.dtype for p in module.parameters() if p.is_floating_point()), None)
+    if dtype is not None:
+        config.dtype = dtype
+    config.save_pretrained(folder)
+    generation = getattr(module, "generation_config", None)
+    if generation is not None and module.can_generate():
+        generation.save_pretrained(folder)
 
 
 def _share_tied(module, state_dict: dict) -> None:

@@ -170,28 +170,9 @@ def empty_model(name_or_path: str, *, dtype: torch.dtype, trust_remote_code: boo
     # from_config leaves tied embeddings as two parameters; one parameter must carry both names
     # or the two copies would be perturbed apart.
     model.tie_weights()
-    return model
-
-
-def keep_checkpoint_names(loaded: nn.Module, target: nn.Module) -> None:
-    """Have ``target`` save its weights under the names ``loaded`` was read from.
-
-    transformers renames some checkpoint keys on load (GPT-NeoX's ``embed_out`` becomes
-    ``lm_head``) and reverts the renamings it used when saving: ``from_pretrained`` keeps them on
-    the model it made. A model built from its config looks them up by its class name instead,
-    which FSDP2's ``fully_shard`` replaces (``FSDPGPTNeoXForCausalLM``), so without this it would
-    save the in-memory names.
-
-    Args:
-        loaded: a model from ``from_pretrained`` (or peft's wrapper of one).
-        target: the same architecture built otherwise (on meta, then sharded).
-    """
-    def hf(m: nn.Module) -> nn.Module:
-        return m.get_base_model() if hasattr(m, "get_base_model") else m
-
-    conversions = getattr(hf(loaded), "_weight_conversions", None)
-    if conversions is not None:
-        hf(target)._weight_conversions = conversions
+    # from_pretrained hands out a model in eval mode, from_config one in train mode; a forward
+    # before training (a prefix set from activations) must not run with dropout.
+    return model.eval()
 
 
 def apply_peft(model: nn.Module, args) -> nn.Module:
@@ -255,7 +236,10 @@ def prefix_activations(model: nn.Module, seed: int) -> torch.Tensor:
     gen = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, base.config.vocab_size, (1, n), generator=gen)
     device = next((p.device for p in base.parameters() if p.device.type != "meta"), torch.device("cpu"))
-    cache = base(input_ids=ids.to(device), use_cache=True).past_key_values
+    # Called on peft's model with the prefix switched off (not on the base model inside it), so
+    # that an engine wrapping the root (FSDP2) gathers the root's own parameters for the forward.
+    with model.disable_adapter():
+        cache = model(input_ids=ids.to(device), use_cache=True).past_key_values
     kv = [t[0] for layer in cache.layers for t in (layer.keys, layer.values)]  # each (heads, n, head_dim)
     return torch.stack(kv).permute(2, 0, 1, 3).reshape(n, -1)
 

@@ -95,6 +95,11 @@ class Placement(ABC):
     compute_synced: bool = False
     # A mezo_dist.placement.masters.Masters when --precision keeps fp32 masters apart from the model.
     masters: Any = None
+    # Set by engines that start up from per-rank slices of the pretrained files: where each
+    # tensor was read from ((id of module, attribute) -> checkpoint key, see
+    # mezo_dist.hf_shards.slots_of). The final export then writes per rank under those keys;
+    # None: the placement holds the whole model and exports it as it is.
+    checkpoint_sources: dict[tuple[int, str], str] | None = None
 
     def forward(self, **batch: Any) -> Any:
         if self.autocast_dtype is not None:
@@ -121,6 +126,14 @@ class Placement(ABC):
         from mezo_dist.placement.training import TorchTraining
 
         return TorchTraining(self, args, lr=lr, weight_decay=weight_decay)
+
+    def gather_tensor(self, slot: tuple[nn.Module, str]) -> torch.Tensor:
+        """The whole value of one parameter or buffer (``(module, attribute)``), on every rank:
+        the values MeZO edits (fp32 masters where the engine computes in bf16/fp16). Collective
+        on sharded engines; every rank asks for the same slots in the same order."""
+        module, attr = slot
+        t = module._parameters.get(attr)
+        return t if t is not None else module._buffers[attr]
 
     @abstractmethod
     def full_state_dict(self) -> dict[str, torch.Tensor] | None:

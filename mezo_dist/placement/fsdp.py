@@ -10,7 +10,7 @@ import math
 
 import torch
 from torch import nn
-from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, set_model_state_dict
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor, Replicate, Shard
@@ -71,15 +71,6 @@ def make_mesh(state: DistState) -> DeviceMesh:
     return init_device_mesh(state.device.type, (state.world_size,), mesh_dim_names=("shard",))
 
 
-def load_full_state_dict(model: nn.Module, full_sd: dict[str, torch.Tensor] | None) -> None:
-    """Rank 0 passes the whole state dict; every rank receives only its shards. Collective."""
-    set_model_state_dict(
-        model,
-        full_sd or {},
-        options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True, strict=False),
-    )
-
-
 def _flat_offset(p: DTensor) -> int:
     for placement in p.placements:
         if not (isinstance(placement, Replicate) or (isinstance(placement, Shard) and placement.dim == 0)):
@@ -128,6 +119,11 @@ class FSDPPlacement(Placement):
             Masters.sync(self._attached)
         self.compute_synced = False
 
+    def gather_tensor(self, slot: tuple[nn.Module, str]) -> torch.Tensor:
+        self._reshard()
+        t = super().gather_tensor(slot)
+        return t.full_tensor() if isinstance(t, DTensor) else t
+
     def full_state_dict(self) -> dict[str, torch.Tensor] | None:
         sd = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
         return sd if self.state.is_main else None
@@ -137,16 +133,24 @@ def build_fsdp(
     name_or_path: str, state: DistState, *, dtype: torch.dtype, trust_remote_code: bool = False, lora=None,
     compute_dtype: torch.dtype | None = None,
 ) -> FSDPPlacement:
-    """Build on meta, shard, materialise the shards, then load: the model is never whole on a
-    rank's device, and only rank 0 reads the checkpoint (the others receive their shards).
-    LoRA adapters (``lora.lora``) are made on rank 0 and arrive with the base weights.
+    """Build on meta, shard, materialise the shards, then have every rank read only its own rows
+    of the pretrained safetensors (:mod:`mezo_dist.hf_shards`): no rank holds the whole model,
+    on its device or its host, and no weight travels between ranks. LoRA adapters and a prefix
+    (``lora``) start from the values peft draws from their seed, the same on every rank; a prefix
+    set from real activations runs one sharded forward.
 
     ``compute_dtype`` (bf16/fp16 with fp32 ``dtype``): FSDP2 gathers the fp32 shards into
     bf16/fp16 parameters for each forward (``MixedPrecisionPolicy``); the shards MeZO edits stay
     fp32."""
-    from mezo_dist.models import apply_lora, empty_model, keep_checkpoint_names, load_pretrained
+    from mezo_dist import hf_shards
+    from mezo_dist.models import apply_lora, empty_model, prefix_activations, prefix_embedding
 
-    model = apply_lora(empty_model(name_or_path, dtype=dtype, trust_remote_code=trust_remote_code), lora)
+    folder = hf_shards.resolve_folder(name_or_path)
+    files = hf_shards.SafetensorsFolder(folder)
+    base = empty_model(str(folder), dtype=dtype, trust_remote_code=trust_remote_code)
+    sources = hf_shards.slots_of(base, hf_shards.checkpoint_keys(base, files))
+    with hf_shards.captured_parameters() as adapters:
+        model = apply_lora(base, lora)
     buffers = {name: b.detach().clone() for name, b in model.named_buffers()}
     mp = None
     if compute_dtype is not None:
@@ -156,15 +160,22 @@ def build_fsdp(
     with torch.no_grad():
         for name, b in model.named_buffers():
             b.copy_(buffers[name])
-    full_sd = None
-    if state.is_main:  # the rank that reads the checkpoint, and the one that exports
-        loaded = apply_lora(load_pretrained(name_or_path, dtype=dtype, trust_remote_code=trust_remote_code), lora)
-        keep_checkpoint_names(loaded, model)
-        full_sd = loaded.state_dict()
-        del loaded
-    load_full_state_dict(model, full_sd)
-    del full_sd
+    hf_shards.load_into(model, sources, files, _held_rows, adapters=adapters)
+    del files
+    if getattr(lora, "prefix_tuning", False) and lora.prefix_init == "real":
+        with torch.no_grad():  # one sharded forward on every rank; each keeps its rows
+            values = prefix_activations(model, lora.prefix_init_seed)
+            local, offset = _held_rows(prefix_embedding(model))
+            local.copy_(values.reshape(-1)[offset : offset + local.numel()])
     placement = FSDPPlacement(model, state)
+    placement.checkpoint_sources = sources
     if compute_dtype is not None:
         placement.masters = Masters()
     return placement
+
+
+def _held_rows(t: torch.Tensor) -> tuple[torch.Tensor, int] | None:
+    """This rank's rows of a sharded parameter (flat view, offset); a buffer is held whole."""
+    if isinstance(t, DTensor):
+        return t.to_local().view(-1), _flat_offset(t)
+    return t.data.view(-1), 0

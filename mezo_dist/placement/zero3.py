@@ -130,6 +130,17 @@ class Zero3Placement(Placement):
         return DeepSpeedTraining(self)
 
     @torch.no_grad()
+    def gather_tensor(self, slot: tuple[nn.Module, str]) -> torch.Tensor:
+        import deepspeed
+
+        self._settle()
+        t = super().gather_tensor(slot)
+        if not hasattr(t, "ds_id"):
+            return t
+        with deepspeed.zero.GatheredParameters([t], modifier_rank=None):
+            return t.data.clone()
+
+    @torch.no_grad()
     def full_state_dict(self) -> dict[str, torch.Tensor] | None:
         import deepspeed
 
@@ -226,22 +237,38 @@ def build_zero3(
     optimizer: dict[str, Any] | None = None,
     gradient_checkpointing: bool = False,
 ) -> Zero3Placement:
-    """Load under ``deepspeed.zero.Init`` (through transformers) and wrap in a forward-only engine.
+    """Build partitioned under ``deepspeed.zero.Init``, have every rank read only its partition of
+    each tensor from the pretrained safetensors (:mod:`mezo_dist.hf_shards`; transformers' own
+    ZeRO-3 loading opens every file whole on rank 0), and wrap in a forward-only engine.
 
     LoRA adapters (``lora.lora``) are made after loading, outside ``zero.Init``, from the same
     seed on every rank; ``deepspeed.initialize`` then partitions them like every other parameter.
     """
     import deepspeed
+    from transformers.initialization import no_init_weights
     from transformers.integrations import HfDeepSpeedConfig
 
-    from mezo_dist.models import apply_lora, load_config, load_pretrained
+    from mezo_dist import hf_shards
+    from mezo_dist.models import apply_lora, auto_class, load_config
 
     hidden = getattr(load_config(name_or_path, trust_remote_code=trust_remote_code), "hidden_size", None)
     cfg = fill_ds_config(ds_config, micro_batch=micro_batch, world_size=state.world_size, dtype=dtype, hidden_size=hidden,
                          accumulation=accumulation, optimizer=optimizer)
     # transformers reads this global to build the model partitioned; it must outlive loading.
     hf_ds = HfDeepSpeedConfig(cfg)
-    model = apply_lora(load_pretrained(name_or_path, dtype=dtype, trust_remote_code=trust_remote_code), lora)
+    folder = hf_shards.resolve_folder(name_or_path)
+    files = hf_shards.SafetensorsFolder(folder)
+    config = load_config(str(folder), trust_remote_code=trust_remote_code)
+    # Built from the config: zero.Init partitions each module as it is made (transformers enters
+    # it for a ZeRO-3 config); no weights are initialised, they are read next.
+    with no_init_weights():
+        model = auto_class(config).from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
+    model.tie_weights()
+    model.eval()  # as from_pretrained returns it: no dropout in a forward before training
+    sources = hf_shards.slots_of(model, hf_shards.checkpoint_keys(model, files))
+    hf_shards.load_into(model, sources, files, _held_partition)
+    del files
+    model = apply_lora(model, lora)
     if gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if optimizer is None:
@@ -255,7 +282,17 @@ def build_zero3(
         _init_prefix(engine.module, lora.prefix_init_seed)
     placement = Zero3Placement(engine, state, with_optimizer=optimizer is not None)
     placement._hf_ds_config = hf_ds
+    placement.checkpoint_sources = sources
     return placement
+
+
+def _held_partition(t: torch.Tensor) -> tuple[torch.Tensor, int] | None:
+    """This rank's partition of a parameter made under ``zero.Init`` (flat view, offset); a
+    buffer is held whole."""
+    if not hasattr(t, "ds_id"):
+        return t.data.view(-1), 0
+    offset, valid = _partition_geometry(t)
+    return t.ds_tensor.data.view(-1)[:valid], offset
 
 
 @torch.no_grad()

@@ -94,6 +94,19 @@ class Zero3MixedPlacement(Zero3Placement):
         super().after_edit()  # a gathered parameter's slice back into its ds_tensor
 
     @torch.no_grad()
+    def gather_tensor(self, slot: tuple[nn.Module, str]) -> torch.Tensor:
+        module, attr = slot
+        p = module._parameters.get(attr)
+        if p is not None and p.requires_grad:
+            self.pieces()  # masters for every trainable parameter, in their current form
+            held = next(((m, whole) for q, m, whole in self._masters.values() if q is p), None)
+            if held is not None:
+                master, whole = held
+                full = master if whole else _all_gather_flat(master, p)[: p.ds_numel]
+                return full.view(tuple(p.ds_shape))
+        return super().gather_tensor(slot)
+
+    @torch.no_grad()
     def full_state_dict(self) -> dict[str, torch.Tensor] | None:
         sd = super().full_state_dict()  # buffers, and every parameter in the compute dtype
         self.pieces()  # masters for every trainable parameter, in their current form

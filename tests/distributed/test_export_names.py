@@ -29,9 +29,17 @@ def export_all(state, backend: str, models: dict[str, str], out: str) -> None:
 
 
 def tensors(folder: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of an export, from its one file or from the files its index names."""
+    import json
+
     from safetensors.torch import load_file
 
-    return load_file(str(folder / "model.safetensors"))
+    index = folder / "model.safetensors.index.json"
+    names = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.exists() else ["model.safetensors"]
+    out: dict[str, torch.Tensor] = {}
+    for name in names:
+        out.update(load_file(str(folder / name)))
+    return out
 
 
 @pytest.fixture(scope="module")
