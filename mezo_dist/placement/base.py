@@ -13,12 +13,15 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
 from mezo_dist.distributed import DistState
+
+if TYPE_CHECKING:
+    from mezo_dist.placement.masters import Masters
 
 
 @dataclass(frozen=True)
@@ -60,9 +63,16 @@ class Placement(ABC):
     # compares across ranks.
     replicated: bool = False
 
-    def __init__(self, model: nn.Module, state: DistState) -> None:
+    def __init__(self, model: nn.Module, state: DistState, *, masters: Masters | None = None) -> None:
+        """Args:
+            model: the model as the engine placed it.
+            state: this rank's distributed state.
+            masters: with ``--precision`` over fp32 values, the fp32 masters MeZO edits in place
+                of the model's storage (``placement/masters.py``); None edits the storage itself.
+        """
         self.model = model
         self.state = state
+        self.masters = masters
         # What :meth:`forward` calls: the model itself, unless the backprop baseline wraps it
         # for gradient averaging (DDP). MeZO never needs a wrapper.
         self.runner: nn.Module = model
@@ -72,29 +82,46 @@ class Placement(ABC):
 
         support_logits_to_keep(self.module)
 
-    @abstractmethod
     def pieces(self) -> list[Piece]:
-        """The trainable elements this rank edits, ready for in-place edits right now.
+        """The trainable elements this rank edits, ready for in-place edits right now: the
+        engine's storage (:meth:`storage_pieces`), or with masters the fp32 masters, whose
+        ``compute`` is that storage.
 
         Called before every pass over the parameters: an engine may have gathered or released
         parameters during the forward in between.
         """
+        held = self.storage_pieces()
+        if self.masters is None:
+            return held
+        return self.masters.attach(held, reform=self.reform_master)
 
-    def after_edit(self) -> None:
-        """Called after each pass over :meth:`pieces`; engines with mirrored copies resync here."""
+    @abstractmethod
+    def storage_pieces(self) -> list[Piece]:
+        """The engine's own storage of the trainable elements this rank holds, as it is now."""
+
+    def reform_master(self, piece: Piece, held: torch.Tensor) -> torch.Tensor:
+        """The master of ``piece`` after its form changed since the last pass (``held``: the
+        master in the old form). Engines whose pieces never change form start it afresh from
+        the model's values."""
+        from mezo_dist.placement.masters import fresh_master
+
+        return fresh_master(piece, held)
+
+    def after_edit(self, *, compute_written: bool = False) -> None:
+        """Called after each pass over :meth:`pieces`; engines with mirrored copies resync here.
+
+        Args:
+            compute_written: the pass already wrote the ``compute`` storage of the masters'
+                pieces (the fused kernels do); otherwise it is set from the masters here.
+        """
+        if self.masters is not None and not compute_written:
+            self.masters.sync()
 
     @property
     def module(self) -> nn.Module:
         """The unwrapped model (a ``PreTrainedModel`` for the launch path)."""
         return self.model
 
-    # Set by ``--precision`` on ``single``: fp32 parameters, forwards under torch.autocast.
-    autocast_dtype: torch.dtype | None = None
-    # Set by a MeZO pass that has already written the ``compute`` storage of its pieces;
-    # ``after_edit`` of a placement with masters syncs that storage itself otherwise.
-    compute_synced: bool = False
-    # A mezo_dist.placement.masters.Masters when --precision keeps fp32 masters apart from the model.
-    masters: Any = None
     # Set by engines that start up from per-rank slices of the pretrained files: where each
     # tensor was read from ((id of module, attribute) -> checkpoint key, see
     # mezo_dist.hf_shards.slots_of). The final export then writes per rank under those keys;
@@ -102,9 +129,6 @@ class Placement(ABC):
     checkpoint_sources: dict[tuple[int, str], str] | None = None
 
     def forward(self, **batch: Any) -> Any:
-        if self.autocast_dtype is not None:
-            with torch.autocast(self.state.device.type, dtype=self.autocast_dtype):
-                return self.runner(**batch)
         return self.runner(**batch)
 
     def all_reduce_sum(self, t: torch.Tensor) -> torch.Tensor:

@@ -73,6 +73,7 @@ def _zero3(m: Any, state: DistState, *, dtype: torch.dtype, ds_config: str | Non
            accumulation: int, backprop: Any, learning_rate: float, weight_decay: float,
            compute_dtype: torch.dtype | None) -> Placement:
     from mezo_dist.config import read_ds_config
+    from mezo_dist.placement.masters import Masters
     from mezo_dist.placement.zero3 import build_zero3
 
     optimizer = None
@@ -80,18 +81,15 @@ def _zero3(m: Any, state: DistState, *, dtype: torch.dtype, ds_config: str | Non
         optimizer = {"lr": learning_rate, "betas": [backprop.adam_beta1, backprop.adam_beta2],
                      "eps": backprop.adam_epsilon, "weight_decay": weight_decay, "momentum": backprop.momentum,
                      "gradient_clipping": backprop.max_grad_norm}
-    placement = build_zero3(
+    # A bf16/fp16 engine under MeZO edits fp32 masters; the baseline trains bf16/fp16 through
+    # DeepSpeed's own mixed precision (fp32 master weights inside its optimizer).
+    masters = Masters() if compute_dtype is not None and backprop is None else None
+    return build_zero3(
         m.model_name_or_path, read_ds_config(ds_config, with_optimizer=backprop is not None), state,
         micro_batch=micro_batch, dtype=compute_dtype or dtype, trust_remote_code=m.trust_remote_code, lora=m,
         accumulation=accumulation, optimizer=optimizer, gradient_checkpointing=_checkpointing(backprop),
+        masters=masters,
     )
-    if compute_dtype is not None and backprop is None:
-        # MeZO's fp32 masters; the baseline trains bf16/fp16 through DeepSpeed's own mixed
-        # precision (fp32 master weights inside its optimizer).
-        from mezo_dist.placement.zero3_mixed import with_fp32_masters
-
-        return with_fp32_masters(placement)
-    return placement
 
 
 BUILDERS: dict[str, Callable[..., Placement]] = {"single": _single, "fsdp": _fsdp, "zero3": _zero3}

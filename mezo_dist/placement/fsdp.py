@@ -91,7 +91,7 @@ class FSDPPlacement(Placement):
             if isinstance(module, FSDPModule):
                 module.reshard()
 
-    def pieces(self) -> list[Piece]:
+    def storage_pieces(self) -> list[Piece]:
         self._reshard()
         out = []
         for name, p in self.model.named_parameters():
@@ -110,14 +110,7 @@ class FSDPPlacement(Placement):
                     shard=True,
                 )
             )
-        if self.masters is not None:  # --precision over fp32 values: MeZO edits fp32 masters
-            out = self._attached = self.masters.attach(out)
         return out
-
-    def after_edit(self) -> None:
-        if self.masters is not None and not self.compute_synced:
-            Masters.sync(self._attached)
-        self.compute_synced = False
 
     def gather_tensor(self, slot: tuple[nn.Module, str]) -> torch.Tensor:
         self._reshard()
@@ -167,10 +160,10 @@ def build_fsdp(
             values = prefix_activations(model, lora.prefix_init_seed)
             local, offset = _held_rows(prefix_embedding(model))
             local.copy_(values.reshape(-1)[offset : offset + local.numel()])
-    placement = FSDPPlacement(model, state)
+    # With compute_dtype the shards MeZO edits get fp32 masters apart from the shards the
+    # forward gathers from.
+    placement = FSDPPlacement(model, state, masters=Masters() if compute_dtype is not None else None)
     placement.checkpoint_sources = sources
-    if compute_dtype is not None:
-        placement.masters = Masters()
     return placement
 
 

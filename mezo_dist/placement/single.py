@@ -7,8 +7,12 @@ stay identical without ever exchanging parameters.
 
 from __future__ import annotations
 
-import torch
+from typing import Any
 
+import torch
+from torch import nn
+
+from mezo_dist.distributed import DistState
 from mezo_dist.placement.base import Piece, Placement, decays
 from mezo_dist.placement.masters import Masters
 
@@ -17,7 +21,16 @@ class SinglePlacement(Placement):
     name = "single"
     replicated = True
 
-    def pieces(self) -> list[Piece]:
+    def __init__(self, model: nn.Module, state: DistState, *, masters: Masters | None = None,
+                 autocast_dtype: torch.dtype | None = None) -> None:
+        """Args:
+            autocast_dtype: with ``--precision`` over fp32 parameters, the dtype forwards run in
+                (``torch.autocast``); None runs them in the parameters' dtype.
+        """
+        super().__init__(model, state, masters=masters)
+        self.autocast_dtype = autocast_dtype
+
+    def storage_pieces(self) -> list[Piece]:
         out = []
         for name, p in self.model.named_parameters():
             if not p.requires_grad:
@@ -32,14 +45,13 @@ class SinglePlacement(Placement):
                     shard=False,
                 )
             )
-        if self.masters is not None:  # --precision over fp32 values: MeZO edits fp32 masters
-            out = self._attached = self.masters.attach(out)
         return out
 
-    def after_edit(self) -> None:
-        if self.masters is not None and not self.compute_synced:
-            Masters.sync(self._attached)
-        self.compute_synced = False
+    def forward(self, **batch: Any) -> Any:
+        if self.autocast_dtype is not None:
+            with torch.autocast(self.state.device.type, dtype=self.autocast_dtype):
+                return super().forward(**batch)
+        return super().forward(**batch)
 
     def training(self, args, *, lr: float, weight_decay: float):
         from mezo_dist.placement.training import DDPTraining, TorchTraining
@@ -67,7 +79,6 @@ def build_single(
 
     model = load_pretrained(name_or_path, dtype=dtype, trust_remote_code=trust_remote_code)
     model = apply_lora(model, lora).to(state.device)
-    placement = SinglePlacement(model, state)
-    if compute_dtype is not None:
-        placement.autocast_dtype, placement.masters = compute_dtype, Masters()
-    return placement
+    if compute_dtype is None:
+        return SinglePlacement(model, state)
+    return SinglePlacement(model, state, masters=Masters(), autocast_dtype=compute_dtype)

@@ -12,6 +12,12 @@ parameters live in host memory: the pieces are those host tensors, edited in pla
 are, and their noise is drawn on the host (so an offloaded GPU run matches runs drawn on CPU, not
 a non-offloaded GPU run). NVMe offload swaps partitions out to disk between uses, where in-place
 edits cannot reach them: it is refused.
+
+With ``--precision`` bf16/fp16 over fp32 values DeepSpeed holds the model in the compute dtype,
+and MeZO edits fp32 masters (``masters.py``) of what this rank edits: its partition of every
+parameter (4 bytes per parameter / world size), or the whole parameter while DeepSpeed keeps it
+gathered on every rank. :meth:`Zero3Placement.reform_master` moves a master between the two
+forms; checkpoints and exports carry the fp32 masters.
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ from torch import nn
 
 from mezo_dist.distributed import DistState
 from mezo_dist.placement.base import Piece, Placement, decays
+from mezo_dist.placement.masters import Masters
 
 
 def _status():
@@ -46,8 +53,15 @@ class Zero3Placement(Placement):
 
     name = "zero3"
 
-    def __init__(self, engine: Any, state: DistState, *, with_optimizer: bool = False) -> None:
-        super().__init__(engine, state)
+    def __init__(self, engine: Any, state: DistState, *, with_optimizer: bool = False,
+                 masters: Masters | None = None) -> None:
+        """Args:
+            engine: a ZeRO stage 3 ``DeepSpeedEngine``.
+            with_optimizer: the engine trains by backpropagation (the baseline).
+            masters: for a bf16/fp16 engine under MeZO, fp32 masters of what this rank edits (see
+                :meth:`reform_master`).
+        """
+        super().__init__(engine, state, masters=masters)
         if engine.zero_optimization_stage() != 3:
             raise ValueError(f"the zero3 placement needs a ZeRO stage 3 engine, got stage {engine.zero_optimization_stage()}")
         # ``with_optimizer``: the backprop baseline, which trains through engine.step() and only
@@ -58,6 +72,8 @@ class Zero3Placement(Placement):
             raise ValueError("the zero3 placement needs a DeepSpeed engine without an optimizer")
         self._mirrors: list[tuple[nn.Parameter, int, int]] = []
         self._with_optimizer = with_optimizer
+        # name -> parameter, as of the last storage_pieces(): what reform_master moves.
+        self._params: dict[str, nn.Parameter] = {}
 
     def _gather_persistent(self) -> None:
         """Fetch the parameters DeepSpeed keeps gathered after their first use (below
@@ -84,10 +100,11 @@ class Zero3Placement(Placement):
         if any(p.ds_status == status.INFLIGHT for p in self.module.parameters()):
             self.model.empty_partition_cache()
 
-    def pieces(self) -> list[Piece]:
+    def storage_pieces(self) -> list[Piece]:
         status = _status()
         out: list[Piece] = []
         self._mirrors = []
+        self._params = {}
         self._settle()
         if not self._with_optimizer:
             self._gather_persistent()
@@ -95,6 +112,7 @@ class Zero3Placement(Placement):
             if not p.requires_grad:
                 continue
             shape = tuple(p.ds_shape)
+            self._params[name] = p
             if p.ds_status == status.INFLIGHT:
                 raise RuntimeError(f"parameter {name} is still being gathered; cannot edit it")
             if p.ds_status == status.AVAILABLE:
@@ -116,9 +134,32 @@ class Zero3Placement(Placement):
         return out
 
     @torch.no_grad()
-    def after_edit(self) -> None:
+    def reform_master(self, piece: Piece, held: torch.Tensor) -> torch.Tensor:
+        """A master follows its parameter's form, exactly: gathered since the last pass, the fp32
+        partitions are all-gathered into a whole master (collective); released again, the
+        master is cut back to this rank's partition.
+
+        The masters start from the model as DeepSpeed built it, i.e. from the checkpoint rounded
+        to the compute dtype (``zero.Init`` builds the partitions in it), unlike ``single`` and
+        ``fsdp``, whose fp32 values are the checkpoint's own."""
+        p = self._params[piece.name]
+        if piece.shard:
+            offset, valid = _partition_geometry(p)
+            return held[offset : offset + valid].clone()
+        return _whole(held, p)
+
+    @torch.no_grad()
+    def after_edit(self, *, compute_written: bool = False) -> None:
+        super().after_edit(compute_written=compute_written)  # masters into the model's storage first
         for p, offset, valid in self._mirrors:
             p.ds_tensor.data.view(-1)[:valid].copy_(p.data.view(-1)[offset : offset + valid])
+
+    def _whole_master(self, name: str) -> torch.Tensor:
+        """The whole fp32 master of parameter ``name`` in its shape, on every rank (collective
+        for a partitioned one)."""
+        p = self._params[name]
+        master, shard = self.masters.held(name)
+        return (_whole(master, p) if shard else master).view(tuple(p.ds_shape))
 
     def eval(self) -> None:
         self.model.eval()
@@ -133,6 +174,14 @@ class Zero3Placement(Placement):
     def gather_tensor(self, slot: tuple[nn.Module, str]) -> torch.Tensor:
         import deepspeed
 
+        if self.masters is not None:
+            module, attr = slot
+            p = module._parameters.get(attr)
+            if p is not None and p.requires_grad:
+                self.pieces()  # masters for every trainable parameter, in their current form
+                name = next((n for n, q in self._params.items() if q is p), None)
+                if name is not None and self.masters.held(name) is not None:
+                    return self._whole_master(name)
         self._settle()
         t = super().gather_tensor(slot)
         if not hasattr(t, "ds_id"):
@@ -152,13 +201,32 @@ class Zero3Placement(Placement):
             with deepspeed.zero.GatheredParameters([p], modifier_rank=None):
                 if self.state.is_main:
                     sd[name] = p.data.detach().to("cpu", copy=True)
-        if not self.state.is_main:
-            return None
-        param_names = {n for n, _ in module.named_parameters(remove_duplicate=False)}
-        for key, value in module.state_dict().items():
-            if key not in param_names:  # persistent buffers are never partitioned
-                sd[key] = value.detach().to("cpu", copy=True)
-        return sd
+        if self.state.is_main:
+            param_names = {n for n, _ in module.named_parameters(remove_duplicate=False)}
+            for key, value in module.state_dict().items():
+                if key not in param_names:  # persistent buffers are never partitioned
+                    sd[key] = value.detach().to("cpu", copy=True)
+        if self.masters is not None:  # the fp32 masters in place of the compute-dtype values
+            self.pieces()  # masters for every trainable parameter, in their current form
+            for name in self.masters.names():
+                whole = self._whole_master(name)
+                if self.state.is_main and name in sd:
+                    sd[name] = whole.to("cpu", copy=True)
+        return sd if self.state.is_main else None
+
+
+def _whole(part: torch.Tensor, p: nn.Parameter) -> torch.Tensor:
+    """The whole flat parameter from every rank's ``part`` of it (``valid`` elements each, as
+    :func:`_partition_geometry` gives them): padded to the partition size, all-gathered in
+    ``p``'s group, cut to the parameter's length. Collective."""
+    if not dist.is_initialized():
+        return part.clone()
+    group = getattr(p, "ds_process_group", None)
+    padded = torch.zeros(p.ds_tensor.ds_numel, dtype=part.dtype, device=part.device)
+    padded[: part.numel()].copy_(part)
+    parts = [torch.empty_like(padded) for _ in range(dist.get_world_size(group=group))]
+    dist.all_gather(parts, padded, group=group)
+    return torch.cat(parts)[: p.ds_numel]
 
 
 def _swapped_out(p: nn.Parameter) -> bool:
@@ -236,6 +304,7 @@ def build_zero3(
     accumulation: int = 1,
     optimizer: dict[str, Any] | None = None,
     gradient_checkpointing: bool = False,
+    masters: Masters | None = None,
 ) -> Zero3Placement:
     """Build partitioned under ``deepspeed.zero.Init``, have every rank read only its partition of
     each tensor from the pretrained safetensors (:mod:`mezo_dist.hf_shards`; transformers' own
@@ -280,7 +349,7 @@ def build_zero3(
         engine, *_ = deepspeed.initialize(model=model, model_parameters=groups, config=cfg)
     if getattr(lora, "prefix_tuning", False) and lora.prefix_init == "real":
         _init_prefix(engine.module, lora.prefix_init_seed)
-    placement = Zero3Placement(engine, state, with_optimizer=optimizer is not None)
+    placement = Zero3Placement(engine, state, with_optimizer=optimizer is not None, masters=masters)
     placement._hf_ds_config = hf_ds
     placement.checkpoint_sources = sources
     return placement

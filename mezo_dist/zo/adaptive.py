@@ -133,8 +133,7 @@ class AdaMeZO(MeZO):
         wrote = multipass.run_multi_pass(self.placement.pieces(), seeds, op, kind=self.perturbation,
                                          kernel=self.kernel, held=held)
         self._perturbed = (seed, 0.0)
-        self.placement.compute_synced = wrote
-        self.placement.after_edit()
+        self.placement.after_edit(compute_written=wrote)
 
     @torch.no_grad()
     def replay(self, step_seed: int, projected_grad: float, lr: float, *, skipped: bool = False,

@@ -131,8 +131,7 @@ class MeZO:
                                 scratch=self._scratch, offset=offset, mask=self.mask)
         if isinstance(fn, passes.Affine):
             self._perturbed = (seed, offset + fn.a)
-        self.placement.compute_synced = wrote
-        self.placement.after_edit()
+        self.placement.after_edit(compute_written=wrote)
 
     def perturb(self, seed: int, scale: float) -> None:
         """theta += scale * z(seed) on every trainable element this rank holds."""

@@ -297,12 +297,13 @@ def test_sparse_resume_without_thresholds_is_refused():
 
 @pytest.mark.parametrize("name", NAMES)
 def test_lr_zero_with_fp32_masters_gives_the_parameters_back_bit_for_bit(name):
+    from mezo_dist.distributed import current_state
     from mezo_dist.placement.masters import Masters
+    from mezo_dist.placement.single import SinglePlacement
 
     model = tiny_net()
     before = snapshot(model)
-    placement = wrap(model)
-    placement.autocast_dtype, placement.masters = torch.bfloat16, Masters()
+    placement = SinglePlacement(model, current_state(), masters=Masters(), autocast_dtype=torch.bfloat16)
     kw = {"num_directions": 3} if name == "fzoo" else {}
     zo = optimizers.build(name, placement, lr=0.0, eps=1e-2, **kw)
     for _ in range(3):
