@@ -8,7 +8,8 @@ against):
 * Long prompts are cut from the left (keeping a leading BOS token) when ``max_length`` is set.
 * Masked LMs (RoBERTa-style, the paper's second family): the continuation's tokens are replaced by
   mask tokens, ``[CLS] context [MASK] ... [SEP]``, and each is scored by the model's prediction at
-  its own position.
+  its own position. Every function here takes ``masked_lm`` explicitly: whether the model is one
+  (``models.is_masked_lm`` of its config, read once where the model is loaded).
 
 A *row* is one sequence of a forward and the positions whose logits it needs. When every
 continuation of a group (a sample's candidates) is one token after the same prefix, as with the
@@ -34,11 +35,6 @@ def pad_id(tokenizer) -> int:
     return 0  # any id works: padded positions are masked and never scored
 
 
-def is_masked_lm(tokenizer) -> bool:
-    """Set by :func:`mezo_dist.models.load_tokenizer` when the model is a masked LM."""
-    return bool(getattr(tokenizer, "mezo_masked_lm", False))
-
-
 def _left_truncate(ids: list[int], max_length: int, bos_id: int | None) -> tuple[list[int], int]:
     """Drop tokens after a leading BOS until ``len(ids) <= max_length``; returns (ids, dropped)."""
     cut = len(ids) - max_length
@@ -48,24 +44,24 @@ def _left_truncate(ids: list[int], max_length: int, bos_id: int | None) -> tuple
     return ids[:head] + ids[head + cut:], cut
 
 
-def encode_pairs(tokenizer, pairs: Sequence[tuple[str, str]], max_length: int | None) -> list[tuple[list[int], int]]:
+def encode_pairs(tokenizer, pairs: Sequence[tuple[str, str]], max_length: int | None, *,
+                 masked_lm: bool = False) -> list[tuple[list[int], int]]:
     """Token ids of ``context + continuation`` and the index where the continuation's tokens start.
 
-    For a masked LM the ids are ``[CLS] context continuation`` (no special tokens from the
-    tokenizer); the scorer masks the continuation and closes the sequence with ``[SEP]``.
+    For a masked LM (``masked_lm``) the ids are ``[CLS] context continuation`` (no special tokens
+    from the tokenizer); the scorer masks the continuation and closes the sequence with ``[SEP]``.
     """
     if not pairs:
         return []
-    masked = is_masked_lm(tokenizer)
-    if masked:
+    if masked_lm:
         if None in (tokenizer.cls_token_id, tokenizer.sep_token_id, tokenizer.mask_token_id):
             raise ConfigError("a masked LM's tokenizer needs cls, sep and mask tokens")
         # [CLS] leads (kept by truncation like a BOS); one position stays free for the [SEP].
         lead, room, bos = [tokenizer.cls_token_id], 1, tokenizer.cls_token_id
     else:
         lead, room, bos = [], 0, tokenizer.bos_token_id
-    contexts = tokenizer([c for c, _ in pairs], add_special_tokens=not masked)["input_ids"]
-    fulls = tokenizer([c + x for c, x in pairs], add_special_tokens=not masked)["input_ids"]
+    contexts = tokenizer([c for c, _ in pairs], add_special_tokens=not masked_lm)["input_ids"]
+    fulls = tokenizer([c + x for c, x in pairs], add_special_tokens=not masked_lm)["input_ids"]
     out = []
     for (context, cont), ctx, full in zip(pairs, contexts, fulls):
         ctx, full = list(ctx), list(full)
@@ -89,9 +85,11 @@ def encode_pairs(tokenizer, pairs: Sequence[tuple[str, str]], max_length: int | 
     return out
 
 
-def prompt_ids(tokenizer, context: str, *, max_new_tokens: int, max_length: int | None) -> list[int]:
-    """Token ids of a generation prompt, cut from the left so that ``max_new_tokens`` still fit."""
-    if is_masked_lm(tokenizer):
+def prompt_ids(tokenizer, context: str, *, max_new_tokens: int, max_length: int | None,
+               masked_lm: bool = False) -> list[int]:
+    """Token ids of a generation prompt, cut from the left so that ``max_new_tokens`` still fit
+    (a masked LM, ``masked_lm``, is refused)."""
+    if masked_lm:
         raise ConfigError("generation needs a causal LM; a masked LM scores candidates only")
     ids = list(tokenizer(context, add_special_tokens=True)["input_ids"])
     if max_length is not None:
@@ -147,15 +145,15 @@ class Encoded:
                           max((len(r.positions) for r in self.rows), default=0))
 
 
-def encode_groups(tokenizer, groups: Sequence[tuple[str, Sequence[str]]], max_length: int | None) -> Encoded:
+def encode_groups(tokenizer, groups: Sequence[tuple[str, Sequence[str]]], max_length: int | None, *,
+                  masked_lm: bool = False) -> Encoded:
     """Rows scoring each ``(context, continuations)`` group; continuations are numbered in order.
 
     A group whose continuations are all one token after the same prefix shares one row (its
     scores are read at one position); any other continuation gets a row of its own.
     """
-    masked = is_masked_lm(tokenizer)
     pairs = [(context, cont) for context, conts in groups for cont in conts]
-    encoded = encode_pairs(tokenizer, pairs, max_length)
+    encoded = encode_pairs(tokenizer, pairs, max_length, masked_lm=masked_lm)
     out = Encoded(rows=[], tokens=[], lengths=[])
     k = 0
     for _, conts in groups:
@@ -167,7 +165,7 @@ def encode_groups(tokenizer, groups: Sequence[tuple[str, Sequence[str]]], max_le
         prefix = mine[0][0][:mine[0][1]]
         if all(len(ids) - start == 1 and ids[:start] == prefix for ids, start in mine):
             row = len(out.rows)
-            out.rows.append(_row(prefix, 1, masked, tokenizer))
+            out.rows.append(_row(prefix, 1, masked_lm, tokenizer))
             for j, (ids, start) in enumerate(mine):
                 out.tokens.append((row, 0, ids[start], base + j))
                 out.lengths.append(1)
@@ -175,7 +173,7 @@ def encode_groups(tokenizer, groups: Sequence[tuple[str, Sequence[str]]], max_le
         for j, (ids, start) in enumerate(mine):
             row = len(out.rows)
             n = len(ids) - start
-            out.rows.append(_row(ids[:start], n, masked, tokenizer, tail=ids[start:-1]))
+            out.rows.append(_row(ids[:start], n, masked_lm, tokenizer, tail=ids[start:-1]))
             out.tokens.extend((row, i, t, base + j) for i, t in enumerate(ids[start:]))
             out.lengths.append(n)
     return out
@@ -206,27 +204,30 @@ def target_groups(samples: Sequence[Sample]) -> list[tuple[str, list[str]]]:
 
 
 def encode_samples(tokenizer, samples: Sequence[Sample], *, as_classification: bool,
-                   max_length: int | None = None) -> Encoded:
+                   max_length: int | None = None, masked_lm: bool = False) -> Encoded:
     """Rows of ``candidate_loss``: every candidate (``as_classification``) or the gold target."""
     groups = candidate_groups(samples) if as_classification else target_groups(samples)
-    return encode_groups(tokenizer, groups, max_length)
+    return encode_groups(tokenizer, groups, max_length, masked_lm=masked_lm)
 
 
 def encoded_shape(tokenizer, samples: Sequence[Sample], *, as_classification: bool,
-                  max_length: int | None = None) -> BatchShape:
+                  max_length: int | None = None, masked_lm: bool = False) -> BatchShape:
     """The padded shape of ``samples``' rows: what ``pad_to`` should be for a global batch whose
     shares are scored on different ranks."""
-    return encode_samples(tokenizer, samples, as_classification=as_classification, max_length=max_length).shape
+    return encode_samples(tokenizer, samples, as_classification=as_classification, max_length=max_length,
+                          masked_lm=masked_lm).shape
 
 
 def encoded_width(tokenizer, samples: Sequence[Sample], *, as_classification: bool,
-                  max_length: int | None = None) -> int:
+                  max_length: int | None = None, masked_lm: bool = False) -> int:
     """The longest row of ``samples`` (the width of :func:`encoded_shape`)."""
-    return encoded_shape(tokenizer, samples, as_classification=as_classification, max_length=max_length).width
+    return encoded_shape(tokenizer, samples, as_classification=as_classification, max_length=max_length,
+                         masked_lm=masked_lm).width
 
 
-def target_token_count(tokenizer, samples: Sequence[Sample], *, max_length: int | None = None) -> int:
+def target_token_count(tokenizer, samples: Sequence[Sample], *, max_length: int | None = None,
+                       masked_lm: bool = False) -> int:
     """How many gold-target tokens ``candidate_loss(..., as_classification=False)`` sums over,
     known without a forward."""
     pairs = [(s.context, s.target) for s in samples]
-    return sum(len(ids) - start for ids, start in encode_pairs(tokenizer, pairs, max_length))
+    return sum(len(ids) - start for ids, start in encode_pairs(tokenizer, pairs, max_length, masked_lm=masked_lm))

@@ -108,6 +108,7 @@ def evaluate_task(
     max_new_tokens: int = 50,
     max_length: int | None = None,
     predictions: dict[int, Any] | None = None,
+    masked_lm: bool = False,
 ) -> dict[str, float]:
     """Metrics of ``samples`` (one task, one kind) on the placed model; the same dict on every rank.
 
@@ -122,6 +123,7 @@ def evaluate_task(
     Args:
         predictions: if given, filled with this rank's predictions by index in ``samples``
             (candidate index, or generated text); for inspection, never all-reduced.
+        masked_lm: the model is a masked LM (scored at mask tokens; it cannot generate).
     """
     if not samples:
         raise ConfigError("no samples to evaluate")
@@ -134,10 +136,11 @@ def evaluate_task(
         # Encode every sample on every rank first: a sample the helpers refuse (a candidate that
         # does not fit max_length) must stop all ranks together, not one rank while the others
         # wait inside a forward's parameter gather.
-        encode_groups(tokenizer, candidate_groups(samples), max_length)
+        encode_groups(tokenizer, candidate_groups(samples), max_length, masked_lm=masked_lm)
     else:
         for s in samples:
-            prompt_ids(tokenizer, s.context, max_new_tokens=max_new_tokens, max_length=max_length)
+            prompt_ids(tokenizer, s.context, max_new_tokens=max_new_tokens, max_length=max_length,
+                       masked_lm=masked_lm)
 
     state = placement.state
     world = _world(placement)
@@ -158,7 +161,7 @@ def evaluate_task(
                 em_sum += exact_match(p, s.answers)
         else:
             preds = predict(forward, tokenizer, share, device=state.device, batch_size=batch_size,
-                            max_length=max_length)
+                            max_length=max_length, masked_lm=masked_lm)
             correct = float(sum(int(s.is_correct(p)) for s, p in zip(share, preds)))
         if predictions is not None:
             predictions.update(zip(index, preds))

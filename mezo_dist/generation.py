@@ -77,13 +77,15 @@ def _decode(forward: Forward, tokenizer, prompts: list[list[int]], *, device, ma
 
 def greedy_continuations(forward: Forward, tokenizer, contexts: Sequence[str], *, device: torch.device | str,
                          max_new_tokens: int = 50, stop: str | None = "\n", max_length: int | None = None,
-                         batch_size: int | None = 8, use_cache: bool | None = None) -> list[tuple[list[int], str]]:
+                         batch_size: int | None = 8, use_cache: bool | None = None,
+                         masked_lm: bool = False) -> list[tuple[list[int], str]]:
     """Per context: the kept token ids and the text before the stop string (not stripped).
     Arguments as in :func:`greedy_generate`."""
     if batch_size is not None and batch_size < 1:
         raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
     # Every prompt is encoded (and refused) before the first forward.
-    prompts = [prompt_ids(tokenizer, c, max_new_tokens=max_new_tokens, max_length=max_length) for c in contexts]
+    prompts = [prompt_ids(tokenizer, c, max_new_tokens=max_new_tokens, max_length=max_length, masked_lm=masked_lm)
+               for c in contexts]
     if max_new_tokens < 1:
         return [([], "") for _ in contexts]
     if use_cache is None:
@@ -104,16 +106,18 @@ def greedy_continuations(forward: Forward, tokenizer, contexts: Sequence[str], *
 
 def greedy_generate_ids(forward: Forward, tokenizer, contexts: Sequence[str], *, device: torch.device | str,
                         max_new_tokens: int = 50, stop: str | None = "\n", max_length: int | None = None,
-                        batch_size: int | None = 8, use_cache: bool | None = None) -> list[list[int]]:
+                        batch_size: int | None = 8, use_cache: bool | None = None,
+                        masked_lm: bool = False) -> list[list[int]]:
     """Token ids that :func:`greedy_generate` keeps for each context (the stop token excluded)."""
     return [ids for ids, _ in greedy_continuations(forward, tokenizer, contexts, device=device,
                                                    max_new_tokens=max_new_tokens, stop=stop, max_length=max_length,
-                                                   batch_size=batch_size, use_cache=use_cache)]
+                                                   batch_size=batch_size, use_cache=use_cache, masked_lm=masked_lm)]
 
 
 def greedy_generate(forward: Forward, tokenizer, contexts: Sequence[str], *, device: torch.device | str,
                     max_new_tokens: int = 50, stop: str | None = "\n", max_length: int | None = None,
-                    batch_size: int | None = 8, use_cache: bool | None = None) -> list[str]:
+                    batch_size: int | None = 8, use_cache: bool | None = None,
+                    masked_lm: bool = False) -> list[str]:
     """Greedy continuation of each context, whitespace-stripped.
 
     Args:
@@ -125,8 +129,9 @@ def greedy_generate(forward: Forward, tokenizer, contexts: Sequence[str], *, dev
         batch_size: contexts decoded together; None decodes all at once.
         use_cache: keep keys and values between steps; None decides from the model when
             ``forward`` is one (see :func:`supports_kv_cache`), else True.
+        masked_lm: the model is a masked LM, which cannot generate: refused in one line.
     """
     return [text.strip() for _, text in greedy_continuations(forward, tokenizer, contexts, device=device,
                                                              max_new_tokens=max_new_tokens, stop=stop,
                                                              max_length=max_length, batch_size=batch_size,
-                                                             use_cache=use_cache)]
+                                                             use_cache=use_cache, masked_lm=masked_lm)]

@@ -141,8 +141,6 @@ def load_tokenizer(name_or_path: str, *, trust_remote_code: bool = False):
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
-    # Read by mezo_dist.scoring: a masked LM scores candidates at mask tokens, not left to right.
-    tok.mezo_masked_lm = is_masked_lm(load_config(name_or_path, trust_remote_code=trust_remote_code))
     if tok.pad_token is None:
         # Causal LMs often ship without a pad token; padded positions are masked out anyway.
         tok.pad_token = tok.eos_token

@@ -113,8 +113,10 @@ class TaskObjective:
         max_length: int | None = None,
         max_new_tokens: int = 50,
         accumulation: int = 1,
+        masked_lm: bool = False,
     ) -> None:
         self.samples, self.tokenizer, self.device = samples, tokenizer, device
+        self.masked_lm = masked_lm  # the model is a masked LM: candidates scored at mask tokens
         self.accumulation = accumulation
         # A rank's share of a step is micro_batch x accumulation samples, cut into micro-batches.
         self.order = GlobalOrder(len(samples), micro_batch=micro_batch * accumulation, rank=rank,
@@ -135,11 +137,12 @@ class TaskObjective:
         # Every micro-batch is padded to the global batch's shape (longest sequence, most logit
         # positions read): the forward one process would run.
         shape = encoded_shape(self.tokenizer, [self.samples[i] for i in self.order.global_indices(step)],
-                              as_classification=self.as_classification, max_length=self.max_length)
+                              as_classification=self.as_classification, max_length=self.max_length,
+                              masked_lm=self.masked_lm)
         out = []
         for c in chunks:
             weight = float(len(c)) if self.as_classification else float(
-                target_token_count(self.tokenizer, c, max_length=self.max_length))
+                target_token_count(self.tokenizer, c, max_length=self.max_length, masked_lm=self.masked_lm))
             out.append(MicroBatch(loss=lambda c=c: self._loss(placement, c, shape), weight=weight))
         return out, units
 
@@ -154,7 +157,7 @@ class TaskObjective:
         # One forward call per rank (batch_size=None): sharded engines need equal call counts.
         total, count = candidate_loss(placement.forward, self.tokenizer, mine, device=self.device,
                                       as_classification=self.as_classification, max_length=self.max_length,
-                                      pad_to=shape)
+                                      pad_to=shape, masked_lm=self.masked_lm)
         return total.double(), count.double()
 
     def _negated_metric(self, placement: Placement, mine: list[Sample]):
@@ -170,12 +173,13 @@ class TaskObjective:
             forward = BalancedForward(placement, token_id=dummy_token(self.tokenizer), num_samples=len(mine))
             preds = greedy_generate(forward, self.tokenizer, [s.context for s in mine], device=self.device,
                                     max_new_tokens=self.max_new_tokens, max_length=self.max_length,
-                                    batch_size=None, use_cache=supports_kv_cache(placement.module))
+                                    batch_size=None, use_cache=supports_kv_cache(placement.module),
+                                    masked_lm=self.masked_lm)
             forward.finish()
             score = sum(f1(p, s.answers) for p, s in zip(preds, mine))
         else:
             # All candidates in one forward: every rank makes exactly one call, no balancing needed.
             preds = predict(placement.forward, self.tokenizer, mine, device=self.device, batch_size=None,
-                            max_length=self.max_length)
+                            max_length=self.max_length, masked_lm=self.masked_lm)
             score = sum(float(s.is_correct(p)) for p, s in zip(preds, mine))
         return torch.tensor(-score, dtype=torch.float64), torch.tensor(float(len(mine)), dtype=torch.float64)

@@ -26,7 +26,7 @@ from torch import nn
 
 from mezo_dist.encoding import (  # noqa: F401  (public names of scoring before the split)
     BatchShape, Encoded, encode_pairs, pad_id, candidate_groups, encode_groups, encode_samples, encoded_shape,
-    encoded_width, is_masked_lm, target_token_count,
+    encoded_width, target_token_count,
 )
 from mezo_dist.errors import ConfigError
 from mezo_dist.generation import greedy_generate, greedy_generate_ids  # noqa: F401
@@ -89,7 +89,8 @@ def continuation_logprobs(forward: Forward, tokenizer, enc: Encoded, *, device: 
 
 
 def candidate_logprobs(forward: Forward, tokenizer, samples: Sequence[Sample], *, device: torch.device | str,
-                       batch_size: int | None = 8, max_length: int | None = None) -> list[list[float]]:
+                       batch_size: int | None = 8, max_length: int | None = None,
+                       masked_lm: bool = False) -> list[list[float]]:
     """Average per-token log-likelihood of each candidate given its sample's context.
 
     Args:
@@ -99,11 +100,12 @@ def candidate_logprobs(forward: Forward, tokenizer, samples: Sequence[Sample], *
         batch_size: sequences per forward call (one per sample whose candidates are single
             tokens, else one per candidate); None scores everything in one call.
         max_length: cut longer prompts from the left; None keeps them whole.
+        masked_lm: the model is a masked LM, scored at mask tokens (see :mod:`mezo_dist.encoding`).
 
     Returns:
         ``scores[i][j]``: mean log p(candidate j tokens | context) of sample i.
     """
-    enc = encode_groups(tokenizer, candidate_groups(samples), max_length)
+    enc = encode_groups(tokenizer, candidate_groups(samples), max_length, masked_lm=masked_lm)
     with torch.no_grad():
         sums, counts = continuation_logprobs(forward, tokenizer, enc, device=device, batch_size=batch_size)
     return per_sample((sums / counts).tolist(), samples)
@@ -119,10 +121,10 @@ def per_sample(flat: Sequence[float], samples: Sequence[Sample]) -> list[list[fl
 
 
 def predict(forward: Forward, tokenizer, samples: Sequence[Sample], *, device: torch.device | str,
-            batch_size: int | None = 8, max_length: int | None = None) -> list[int]:
+            batch_size: int | None = 8, max_length: int | None = None, masked_lm: bool = False) -> list[int]:
     """Index of the highest-scoring candidate of each sample (ties go to the lower index)."""
     scores = candidate_logprobs(forward, tokenizer, samples, device=device, batch_size=batch_size,
-                                max_length=max_length)
+                                max_length=max_length, masked_lm=masked_lm)
     return [max(range(len(row)), key=row.__getitem__) for row in scores]
 
 
@@ -141,7 +143,8 @@ def classification_loss(scores: torch.Tensor, samples: Sequence[Sample]) -> torc
 
 def candidate_loss(forward: Forward, tokenizer, samples: Sequence[Sample], *, device: torch.device | str,
                    as_classification: bool, batch_size: int | None = None, max_length: int | None = None,
-                   pad_to: BatchShape | int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                   pad_to: BatchShape | int | None = None,
+                   masked_lm: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Training loss as ``(sum, count)``, so the mean over ranks is ``all_reduce(sum) / all_reduce(count)``.
 
     Args:
@@ -153,6 +156,7 @@ def candidate_loss(forward: Forward, tokenizer, samples: Sequence[Sample], *, de
         batch_size: sequences per forward call; None scores everything in one call.
         pad_to: pad to at least this shape (see :func:`continuation_logprobs`); an int pads the
             width only. :func:`encoded_shape` of the global batch gives it.
+        masked_lm: the model is a masked LM, scored at mask tokens.
 
     Gradients flow through the result when the caller enables them (first-order baselines);
     MeZO callers wrap the call in ``torch.no_grad()``.
@@ -163,7 +167,8 @@ def candidate_loss(forward: Forward, tokenizer, samples: Sequence[Sample], *, de
                 raise ConfigError(f"sample {i} has no candidates, so it cannot be trained as classification")
     if isinstance(pad_to, int):
         pad_to = BatchShape(pad_to, 0)
-    enc = encode_samples(tokenizer, samples, as_classification=as_classification, max_length=max_length)
+    enc = encode_samples(tokenizer, samples, as_classification=as_classification, max_length=max_length,
+                         masked_lm=masked_lm)
     sums, counts = continuation_logprobs(forward, tokenizer, enc, device=device, batch_size=batch_size, pad_to=pad_to)
     if as_classification:
         total = classification_loss(sums / counts, samples)
@@ -191,16 +196,20 @@ def with_demonstrations(sample: Sample, demos: str, *, separator: str = DEMO_SEP
 
 # ----------------------------------------------------------------------------------------- evaluation
 def evaluate(forward: Forward, tokenizer, samples: Sequence[Sample], *, device: torch.device | str,
-             batch_size: int = 8, max_new_tokens: int = 50, max_length: int | None = None) -> dict[str, float]:
-    """Score samples of one task: ``{"accuracy"}`` for candidates, ``{"f1", "exact_match"}`` for generation."""
+             batch_size: int = 8, max_new_tokens: int = 50, max_length: int | None = None,
+             masked_lm: bool = False) -> dict[str, float]:
+    """Score samples of one task: ``{"accuracy"}`` for candidates, ``{"f1", "exact_match"}`` for generation
+    (``masked_lm``: the model is a masked LM, which scores candidates only)."""
     if not samples:
         raise ConfigError("no samples to evaluate")
     if all(s.is_generation for s in samples):
         preds = greedy_generate(forward, tokenizer, [s.context for s in samples], device=device,
-                                max_new_tokens=max_new_tokens, max_length=max_length, batch_size=batch_size)
+                                max_new_tokens=max_new_tokens, max_length=max_length, batch_size=batch_size,
+                                masked_lm=masked_lm)
         return generation_scores(preds, [s.answers for s in samples])
     if any(s.is_generation for s in samples):
         raise ConfigError("cannot evaluate generation and candidate samples together")
-    preds = predict(forward, tokenizer, samples, device=device, batch_size=batch_size, max_length=max_length)
+    preds = predict(forward, tokenizer, samples, device=device, batch_size=batch_size, max_length=max_length,
+                    masked_lm=masked_lm)
     # is_correct also accepts alternative gold candidates (ReCoRD).
     return {"accuracy": accuracy([int(s.is_correct(p)) for s, p in zip(samples, preds)], [1] * len(samples))}

@@ -16,7 +16,7 @@ from collections.abc import Sequence
 
 import torch
 
-from mezo_dist.encoding import encode_pairs, pad_id, candidate_groups, is_masked_lm, prompt_ids
+from mezo_dist.encoding import encode_pairs, pad_id, candidate_groups, prompt_ids
 from mezo_dist.errors import ConfigError
 from mezo_dist.logits import Forward
 from mezo_dist.scoring import classification_loss, per_sample
@@ -29,9 +29,11 @@ def _logits(forward: Forward, input_ids: torch.Tensor, attention_mask: torch.Ten
 
 
 def token_logprob_sums(forward: Forward, tokenizer, seqs: list[tuple[list[int], int]], *, device,
-                       batch_size: int | None, pad_to: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                       batch_size: int | None, pad_to: int | None = None,
+                       masked_lm: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Per ``(ids, start)`` sequence: the summed log-probability of its continuation tokens, and
-    their count. ``pad_to`` pads every batch to at least that width."""
+    their count. ``pad_to`` pads every batch to at least that width; ``masked_lm`` scores each
+    continuation at mask tokens."""
     if not seqs:
         z = torch.zeros(0, device=device)
         return z, z
@@ -39,13 +41,12 @@ def token_logprob_sums(forward: Forward, tokenizer, seqs: list[tuple[list[int], 
     if bs < 1:
         raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
     pad = pad_id(tokenizer)
-    masked = is_masked_lm(tokenizer)
     sums: list[torch.Tensor] = []
     counts: list[int] = []
     for b in range(0, len(seqs), bs):
         chunk = seqs[b:b + bs]
         rows = [ids[:start] + [tokenizer.mask_token_id] * (len(ids) - start) + [tokenizer.sep_token_id]
-                if masked else ids for ids, start in chunk]
+                if masked_lm else ids for ids, start in chunk]
         width = max(max(len(r) for r in rows), pad_to or 0)
         input_ids = torch.full((len(chunk), width), pad, dtype=torch.long)
         mask = torch.zeros((len(chunk), width), dtype=torch.long)
@@ -54,7 +55,7 @@ def token_logprob_sums(forward: Forward, tokenizer, seqs: list[tuple[list[int], 
             mask[i, :len(row)] = 1
         logits = _logits(forward, input_ids.to(device), mask.to(device))
         for i, (ids, start) in enumerate(chunk):
-            at = slice(start, len(ids)) if masked else slice(start - 1, len(ids) - 1)
+            at = slice(start, len(ids)) if masked_lm else slice(start - 1, len(ids) - 1)
             logp = torch.log_softmax(logits[i, at].float(), dim=-1)
             target = torch.tensor(ids[start:], dtype=torch.long, device=logp.device)
             sums.append(logp.gather(-1, target[:, None]).sum())
@@ -63,11 +64,12 @@ def token_logprob_sums(forward: Forward, tokenizer, seqs: list[tuple[list[int], 
 
 
 def sequence_width(tokenizer, samples: Sequence[Sample], *, as_classification: bool,
-                   max_length: int | None = None) -> int:
+                   max_length: int | None = None, masked_lm: bool = False) -> int:
     """The longest per-candidate sequence (what ``pad_to`` is for a global batch)."""
     pairs = _pairs(samples, as_classification)
-    extra = 1 if is_masked_lm(tokenizer) else 0  # the closing [SEP]
-    return max((len(ids) + extra for ids, _ in encode_pairs(tokenizer, pairs, max_length)), default=0)
+    extra = 1 if masked_lm else 0  # the closing [SEP]
+    encoded = encode_pairs(tokenizer, pairs, max_length, masked_lm=masked_lm)
+    return max((len(ids) + extra for ids, _ in encoded), default=0)
 
 
 def _pairs(samples: Sequence[Sample], as_classification: bool) -> list[tuple[str, str]]:
@@ -77,20 +79,23 @@ def _pairs(samples: Sequence[Sample], as_classification: bool) -> list[tuple[str
 
 
 def candidate_logprobs(forward: Forward, tokenizer, samples: Sequence[Sample], *, device,
-                       batch_size: int = 8, max_length: int | None = None) -> list[list[float]]:
+                       batch_size: int = 8, max_length: int | None = None,
+                       masked_lm: bool = False) -> list[list[float]]:
     """``scores[i][j]``: mean log p(candidate j's tokens | context) of sample i."""
     with torch.no_grad():
-        seqs = encode_pairs(tokenizer, _pairs(samples, True), max_length)
-        sums, counts = token_logprob_sums(forward, tokenizer, seqs, device=device, batch_size=batch_size)
+        seqs = encode_pairs(tokenizer, _pairs(samples, True), max_length, masked_lm=masked_lm)
+        sums, counts = token_logprob_sums(forward, tokenizer, seqs, device=device, batch_size=batch_size,
+                                          masked_lm=masked_lm)
     return per_sample((sums / counts).tolist(), samples)
 
 
 def candidate_loss(forward: Forward, tokenizer, samples: Sequence[Sample], *, device, as_classification: bool,
                    batch_size: int | None = None, max_length: int | None = None,
-                   pad_to: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                   pad_to: int | None = None, masked_lm: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """``(sum, count)`` of the training loss, as :func:`mezo_dist.scoring.candidate_loss` defines it."""
-    seqs = encode_pairs(tokenizer, _pairs(samples, as_classification), max_length)
-    sums, counts = token_logprob_sums(forward, tokenizer, seqs, device=device, batch_size=batch_size, pad_to=pad_to)
+    seqs = encode_pairs(tokenizer, _pairs(samples, as_classification), max_length, masked_lm=masked_lm)
+    sums, counts = token_logprob_sums(forward, tokenizer, seqs, device=device, batch_size=batch_size, pad_to=pad_to,
+                                      masked_lm=masked_lm)
     if not as_classification:
         return -sums.double().sum(), counts.sum()
     total = classification_loss(sums / counts, samples)

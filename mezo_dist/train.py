@@ -15,7 +15,7 @@ from mezo_dist.distributed import DistState
 from mezo_dist.errors import TrainingError
 from mezo_dist.export import save_pretrained
 from mezo_dist.metrics import RunLogger
-from mezo_dist.models import DTYPES, load_config, load_tokenizer, max_positions
+from mezo_dist.models import DTYPES, is_masked_lm, load_config, load_tokenizer, max_positions
 from mezo_dist.placement.base import Placement
 from mezo_dist.placement.build import build_placement
 from mezo_dist.replicas import check_replicas
@@ -61,11 +61,13 @@ class RunHooks:
 
 @dataclass
 class EvalSets:
-    """Samples to score: ``dev`` picks the best step, ``eval`` is reported."""
+    """Samples to score: ``dev`` picks the best step, ``eval`` is reported; ``max_length`` and
+    ``masked_lm`` say how they are encoded."""
 
     dev: list[Sample] = field(default_factory=list)
     eval: list[Sample] = field(default_factory=list)
     max_length: int | None = None
+    masked_lm: bool = False
 
 
 def build_objective(cfg: TrainConfig, state: DistState, tokenizer):
@@ -97,16 +99,18 @@ def build_objective(cfg: TrainConfig, state: DistState, tokenizer):
         demos = demonstrations(train, t.num_demos, t.train_set_seed)
         dev = [with_demonstrations(s, demos) for s in dev]
         evals = [with_demonstrations(s, demos) for s in evals]
+    model_config = load_config(cfg.model.model_name_or_path, trust_remote_code=cfg.model.trust_remote_code)
     # Prompts longer than the model's positions are cut from the left (scoring keeps the answer).
-    max_length = cfg.data.max_length or max_positions(
-        load_config(cfg.model.model_name_or_path, trust_remote_code=cfg.model.trust_remote_code))
+    max_length = cfg.data.max_length or max_positions(model_config)
+    masked_lm = is_masked_lm(model_config)  # candidates are then scored at mask tokens
     objective = TaskObjective(
         train, tokenizer, micro_batch=run.per_device_train_batch_size, rank=state.rank,
         world_size=state.world_size, seed=run.seed, device=state.device,
         as_classification=t.train_as_classification, non_diff=t.objective if t.non_diff else None,
         max_length=max_length, max_new_tokens=t.max_new_tokens, accumulation=run.gradient_accumulation_steps,
+        masked_lm=masked_lm,
     )
-    return objective, EvalSets(dev=dev, eval=evals, max_length=max_length)
+    return objective, EvalSets(dev=dev, eval=evals, max_length=max_length, masked_lm=masked_lm)
 
 
 class Evaluator:
@@ -124,7 +128,8 @@ class Evaluator:
             return {}
         t = self.cfg.task
         out = evaluate_task(self.placement, self.tokenizer, samples, metric_prefix=split, batch_size=t.eval_batch_size,
-                            max_new_tokens=t.max_new_tokens, max_length=self.sets.max_length)
+                            max_new_tokens=t.max_new_tokens, max_length=self.sets.max_length,
+                            masked_lm=self.sets.masked_lm)
         self.logger.scalars(step, {f"{split}/{k.split('_', 1)[1]}": v for k, v in out.items()})
         return out
 

@@ -25,7 +25,7 @@ def cases(data_dir) -> dict:
     return {"sst2": sst2, "copa": copa, "mixed": sst2[:4] + copa[:4]}
 
 
-def _score(placement, tokenizer, samples: list) -> dict:
+def _score(placement, tokenizer, samples: list, masked_lm: bool) -> dict:
     import torch.distributed as dist
 
     from mezo_dist.encoding import encoded_shape
@@ -38,14 +38,16 @@ def _score(placement, tokenizer, samples: list) -> dict:
     out = {}
     with torch.no_grad():
         for name, as_cls in (("loss_classification", True), ("loss_gold_tokens", False)):
-            shape = encoded_shape(tokenizer, samples, as_classification=as_cls, max_length=MAX_LENGTH)
+            shape = encoded_shape(tokenizer, samples, as_classification=as_cls, max_length=MAX_LENGTH,
+                                  masked_lm=masked_lm)
             total, count = candidate_loss(placement.forward, tokenizer, share, device=device,
-                                          as_classification=as_cls, max_length=MAX_LENGTH, pad_to=shape)
+                                          as_classification=as_cls, max_length=MAX_LENGTH, pad_to=shape,
+                                          masked_lm=masked_lm)
             t = torch.stack([total.double(), count.double()])
             dist.all_reduce(t)
             out[name] = (t[0] / t[1]).item()
         mine = candidate_logprobs(placement.forward, tokenizer, share, device=device, batch_size=None,
-                                  max_length=MAX_LENGTH)
+                                  max_length=MAX_LENGTH, masked_lm=masked_lm)
     every = [None] * world
     dist.all_gather_object(every, mine)
     out["scores"] = [row for part in every for row in part]
@@ -58,16 +60,16 @@ def sharded_scores(state, backend: str, models: dict[str, str], data_dir: str, d
 
     from mezo_dist.config import ModelArguments
     from mezo_dist.evaluate import evaluate_task
-    from mezo_dist.models import load_tokenizer
-    from mezo_dist.train import build_placement
+    from mezo_dist.models import is_masked_lm, load_config, load_tokenizer
+    from mezo_dist.placement.build import build_placement
 
     report = {}
     for name, path in models.items():
         placement = build_placement(ModelArguments(model_name_or_path=path, torch_dtype="float32"), state,
                                     backend=backend, ds_config=ds_config, micro_batch=1)
         placement.eval()
-        tokenizer = load_tokenizer(path)
-        got = {case: _score(placement, tokenizer, samples) for case, samples in cases(data_dir).items()}
+        tokenizer, masked = load_tokenizer(path), is_masked_lm(load_config(path))
+        got = {case: _score(placement, tokenizer, samples, masked) for case, samples in cases(data_dir).items()}
         if name == "llama":
             squad = task_samples("SQuAD", data_dir, n=5)  # 3 and 2 contexts: ranks decode unequal shares
             preds: dict = {}
@@ -85,19 +87,20 @@ def sharded_scores(state, backend: str, models: dict[str, str], data_dir: str, d
 def expected(bpe_models, real_data) -> dict[str, dict]:
     """One process, the reference way (one sequence per candidate, full logits, no cache)."""
     from mezo_dist import scoring_reference as ref
-    from mezo_dist.models import load_pretrained, load_tokenizer
+    from mezo_dist.models import is_masked_lm, load_config, load_pretrained, load_tokenizer
 
     out = {}
     for name in ("llama", "roberta"):
         path = str(bpe_models[name])
         model, tok = load_pretrained(path, dtype=torch.float32).eval(), load_tokenizer(path)
+        mlm = {"masked_lm": is_masked_lm(load_config(path))}
         got = {}
         for case, samples in cases(real_data).items():
-            row = {"scores": ref.candidate_logprobs(model, tok, samples, device="cpu", max_length=MAX_LENGTH)}
+            row = {"scores": ref.candidate_logprobs(model, tok, samples, device="cpu", max_length=MAX_LENGTH, **mlm)}
             with torch.no_grad():
                 for key, as_cls in (("loss_classification", True), ("loss_gold_tokens", False)):
                     total, count = ref.candidate_loss(model, tok, samples, device="cpu", as_classification=as_cls,
-                                                      max_length=MAX_LENGTH)
+                                                      max_length=MAX_LENGTH, **mlm)
                     row[key] = total.item() / count.item()
             got[case] = row
         if name == "llama":

@@ -11,15 +11,18 @@ from mezo_dist.tasks.base import Sample
 
 
 def test_candidates_are_scored_at_mask_positions(tiny_models):
-    from mezo_dist.models import load_pretrained, load_tokenizer
+    from mezo_dist.models import is_masked_lm, load_config, load_pretrained, load_tokenizer
     from mezo_dist.scoring import candidate_logprobs
 
     path = str(tiny_models["roberta"])
     tok = load_tokenizer(path)
     model = load_pretrained(path, dtype=torch.float32).eval()
-    assert tok.mezo_masked_lm and type(model).__name__ == "RobertaForMaskedLM"
+    masked = is_masked_lm(load_config(path))
+    assert masked and type(model).__name__ == "RobertaForMaskedLM"
+    # The flag is passed, never stored on the tokenizer.
+    assert not hasattr(tok, "mezo_masked_lm")
     sample = Sample(context="a fine film. It was", candidates=[" ok", " bad"], gold=0, answers=[" ok"])
-    got = candidate_logprobs(model, tok, [sample], device="cpu")[0]
+    got = candidate_logprobs(model, tok, [sample], device="cpu", masked_lm=masked)[0]
     ctx = tok(sample.context, add_special_tokens=False)["input_ids"]
     for cand, score in zip(sample.candidates, got):
         target = tok(cand, add_special_tokens=False)["input_ids"]

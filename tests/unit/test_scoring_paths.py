@@ -28,11 +28,14 @@ CANDIDATE_TASKS = [t for t in REAL_TASKS if t != "SQuAD"] + ["SNLI/question", "M
 
 @pytest.fixture(scope="module")
 def models(bpe_models, tiny_models):
-    from mezo_dist.models import load_pretrained, load_tokenizer
+    from mezo_dist.models import is_masked_lm, load_config, load_pretrained, load_tokenizer
 
     out = {}
     for name, path in (("llama", bpe_models["llama"]), ("roberta", bpe_models["roberta"]), ("opt", tiny_models["opt"])):
-        out[name] = (load_pretrained(str(path), dtype=torch.float32).eval(), load_tokenizer(str(path)))
+        # (model, tokenizer, whether it is a masked LM: read from its config, as a run does)
+        out[name] = (load_pretrained(str(path), dtype=torch.float32).eval(), load_tokenizer(str(path)),
+                     is_masked_lm(load_config(str(path))))
+    assert [name for name, (_, _, masked) in out.items() if masked] == ["roberta"]
     return out
 
 
@@ -42,38 +45,40 @@ def _mean_loss(fn, model, tok, samples, **kw):
     return total.item() / count.item(), count.item()
 
 
-def _check_scores(model, tok, samples, batch_size=None):
-    got = scoring.candidate_logprobs(model, tok, samples, device="cpu", batch_size=batch_size, max_length=MAX_LENGTH)
-    want = ref.candidate_logprobs(model, tok, samples, device="cpu", batch_size=4, max_length=MAX_LENGTH)
+def _check_scores(model, tok, samples, batch_size=None, *, masked_lm=False):
+    mlm = {"masked_lm": masked_lm}
+    got = scoring.candidate_logprobs(model, tok, samples, device="cpu", batch_size=batch_size, max_length=MAX_LENGTH,
+                                     **mlm)
+    want = ref.candidate_logprobs(model, tok, samples, device="cpu", batch_size=4, max_length=MAX_LENGTH, **mlm)
     assert [len(r) for r in got] == [len(s.candidates) for s in samples]
     assert max(abs(a - b) for ra, rb in zip(got, want) for a, b in zip(ra, rb)) <= 1e-5
-    preds = scoring.predict(model, tok, samples, device="cpu", batch_size=batch_size, max_length=MAX_LENGTH)
+    preds = scoring.predict(model, tok, samples, device="cpu", batch_size=batch_size, max_length=MAX_LENGTH, **mlm)
     assert preds == [max(range(len(r)), key=r.__getitem__) for r in want]
     for as_cls in (True, False):
-        new = _mean_loss(scoring.candidate_loss, model, tok, samples, as_classification=as_cls)
-        old = _mean_loss(ref.candidate_loss, model, tok, samples, as_classification=as_cls)
+        new = _mean_loss(scoring.candidate_loss, model, tok, samples, as_classification=as_cls, **mlm)
+        old = _mean_loss(ref.candidate_loss, model, tok, samples, as_classification=as_cls, **mlm)
         assert new[1] == old[1] and abs(new[0] - old[0]) <= 1e-5, (as_cls, new, old)
 
 
 @pytest.mark.parametrize("model_name", ["llama", "roberta", "opt"])
 @pytest.mark.parametrize("task", CANDIDATE_TASKS)
 def test_candidate_scores_and_losses_match_the_reference(task, model_name, models, real_data):
-    model, tok = models[model_name]
+    model, tok, masked = models[model_name]
     samples = task_samples(task, real_data)
-    enc = encode_groups(tok, candidate_groups(samples), MAX_LENGTH)
+    enc = encode_groups(tok, candidate_groups(samples), MAX_LENGTH, masked_lm=masked)
     single = model_name != "opt" and task in SINGLE_TOKEN
     assert len(enc.rows) == (len(samples) if single else sum(len(s.candidates) for s in samples)), task
-    _check_scores(model, tok, samples)
-    _check_scores(model, tok, samples, batch_size=3)  # rows of one sample split across forwards
+    _check_scores(model, tok, samples, masked_lm=masked)
+    _check_scores(model, tok, samples, batch_size=3, masked_lm=masked)  # rows of one sample split across forwards
 
 
 @pytest.mark.parametrize("task", ["SQuAD", "DROP"])
 def test_gold_answer_loss_of_generation_tasks_matches_the_reference(task, models, real_data):
     for name in ("llama", "roberta", "opt"):
-        model, tok = models[name]
+        model, tok, masked = models[name]
         samples = task_samples(task, real_data)
-        new = _mean_loss(scoring.candidate_loss, model, tok, samples, as_classification=False)
-        old = _mean_loss(ref.candidate_loss, model, tok, samples, as_classification=False)
+        new = _mean_loss(scoring.candidate_loss, model, tok, samples, as_classification=False, masked_lm=masked)
+        old = _mean_loss(ref.candidate_loss, model, tok, samples, as_classification=False, masked_lm=masked)
         assert new[1] == old[1] and abs(new[0] - old[0]) <= 1e-5, (name, new, old)
 
 
@@ -85,15 +90,15 @@ def test_demonstrations_and_mixed_batches_match_the_reference(models, real_data)
     icl = [scoring.with_demonstrations(s, demos) for s in task_samples("RTE", real_data, n=4)]
     mixed = task_samples("SST2", real_data, n=3) + task_samples("Copa", real_data, n=3) + icl
     for name in ("llama", "roberta"):
-        model, tok = models[name]
-        assert len(encode_groups(tok, candidate_groups(mixed), MAX_LENGTH).rows) == 3 + 6 + 4
-        _check_scores(model, tok, icl)
-        _check_scores(model, tok, mixed)
+        model, tok, masked = models[name]
+        assert len(encode_groups(tok, candidate_groups(mixed), MAX_LENGTH, masked_lm=masked).rows) == 3 + 6 + 4
+        _check_scores(model, tok, icl, masked_lm=masked)
+        _check_scores(model, tok, mixed, masked_lm=masked)
 
 
 def test_padding_to_a_global_shape_changes_nothing(models, real_data):
     # A rank pads its share to the global batch's shape; the share's loss must not move.
-    model, tok = models["llama"]
+    model, tok, _ = models["llama"]
     share = task_samples("SST2", real_data, n=4)
     whole = share + task_samples("Copa", real_data, n=4)
     for as_cls in (True, False):
@@ -119,7 +124,7 @@ def test_padding_to_a_global_shape_changes_nothing(models, real_data):
 @pytest.mark.parametrize("task", ["SST2", "Copa"])
 def test_gradients_match_the_reference(task, models, real_data):
     # The backprop baseline differentiates the same loss.
-    model, tok = models["llama"]
+    model, tok, _ = models["llama"]
     samples = task_samples(task, real_data, n=4)
     grads = []
     for fn in (scoring.candidate_loss, ref.candidate_loss):
@@ -137,7 +142,7 @@ def test_gradients_match_the_reference(task, models, real_data):
 def test_logits_are_computed_where_read_and_only_when_asked(name, models):
     from mezo_dist.logits import kept_logits, support_logits_to_keep
 
-    model, tok = models[name]
+    model, tok, _ = models[name]
     support_logits_to_keep(model)
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(3, 1000, (3, 17), generator=g)
@@ -180,7 +185,7 @@ def test_greedy_decoding_keeps_the_reference_tokens(stop, name, max_length, mode
     # max_length 64 cuts SQuAD prompts from the left; the character-level OPT needs 200 for its
     # 256 positions.
     contexts = [s.context for s in task_samples("SQuAD", real_data, n=10) + task_samples("DROP", real_data)]
-    model, tok = models[name]
+    model, tok, _ = models[name]
     kw = dict(device="cpu", max_new_tokens=12, stop=stop, max_length=max_length)
     for forward in (model, _eos_sometimes(model, tok.eos_token_id)):
         want = ref.greedy_generate(forward, tok, contexts, **kw)
@@ -194,7 +199,7 @@ def test_greedy_decoding_keeps_the_reference_tokens(stop, name, max_length, mode
 
 
 def test_a_batch_runs_as_many_forwards_as_its_longest_answer(models, real_data):
-    model, tok = models["llama"]
+    model, tok, _ = models["llama"]
     forward = _eos_sometimes(model, tok.eos_token_id)
     contexts = [s.context for s in task_samples("SQuAD", real_data, n=8)]
     want = ref.greedy_generate(forward, tok, contexts, device="cpu", max_new_tokens=10, stop="ing")
@@ -236,10 +241,10 @@ def test_prefix_tuned_model_decodes_without_a_cache_and_keeps_the_reference_toke
 
 
 def test_generation_refuses_what_it_refused_before(models):
-    model, tok = models["roberta"]
+    model, tok, masked = models["roberta"]
     with pytest.raises(ValueError, match="needs a causal LM"):
-        scoring.greedy_generate(model, tok, ["Answer:"], device="cpu")
-    model, tok = models["llama"]
+        scoring.greedy_generate(model, tok, ["Answer:"], device="cpu", masked_lm=masked)
+    model, tok, _ = models["llama"]
     with pytest.raises(ValueError, match="leaves no room"):
         scoring.greedy_generate(model, tok, ["Answer:"], device="cpu", max_new_tokens=8, max_length=8)
     with pytest.raises(ValueError, match="batch_size"):
