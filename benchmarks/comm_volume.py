@@ -124,7 +124,7 @@ def worker(args: argparse.Namespace) -> None:
     from mezo_dist.config import BackpropArguments, ModelArguments
     from mezo_dist.distributed import init_distributed, teardown
     from mezo_dist.objectives import MicroBatch, causal_lm_loss
-    from mezo_dist.train import build_placement
+    from mezo_dist.placement.build import build_placement
     from mezo_dist.zo.step import MeZO
 
     backprop = args.method == "backprop"

@@ -77,7 +77,7 @@ def worker(args: argparse.Namespace) -> None:
     from mezo_dist.metrics import peak_memory_bytes, reset_peak_memory
     from mezo_dist.models import load_tokenizer
     from mezo_dist.objectives import causal_lm_loss
-    from mezo_dist.train import build_placement
+    from mezo_dist.placement.build import build_placement
 
     state = init_distributed(need_group=args.backend == "fsdp")
     try:

@@ -49,7 +49,7 @@ def exact_cpu_memory(device) -> None:
 def worker(args: argparse.Namespace) -> None:
     import torch
 
-    from mezo_dist.config import read_ds_config
+    from mezo_dist.placement.deepspeed_config import read_ds_config
     from mezo_dist.distributed import init_distributed, teardown
     from mezo_dist.metrics import peak_memory_bytes, reset_peak_memory
     from mezo_dist.models import DTYPES

@@ -29,13 +29,16 @@ import re
 import shutil
 import struct
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import torch
 
 from mezo_dist.errors import ConfigError
 from mezo_dist.io import atomic_write_text, fresh_folder_beside, inside, publish_folder, sha256_file
 from mezo_dist.placement.base import Piece, Placement
+
+if TYPE_CHECKING:
+    from mezo_dist.config import TrainConfig
 
 FORMAT = "mezo_dist-flat-v1"
 _NAME = re.compile(r"^checkpoint-(\d+)$")
@@ -295,6 +298,46 @@ def _fill(placement: Placement, path: Path, index: dict[str, Any]) -> None:
         raise
     except Exception as e:  # a corrupt file surfaces here, from the safetensors reader
         raise ConfigError(f"checkpoint {path} is corrupt: {file}: {type(e).__name__}: {e}") from None
+
+
+def resume_fields(cfg: TrainConfig, world_size: int) -> dict[str, Any]:
+    """The resume policy: what a resumed run of ``world_size`` ranks must share with the run that
+    wrote the checkpoint, for equal results (``trainer_state.json``'s ``run``). A key that older
+    checkpoints lack is written only when it differs from what its absence meant. Reads the
+    train file (its sha256)."""
+    from mezo_dist.data import file_digest
+
+    optim, zo, bp, t = cfg.optim, cfg.zo, cfg.bp, cfg.task
+    fields = {
+        "seed": cfg.run.seed,  # the run seed (a trajectory row's "seed" is its step seed)
+        "zo_eps": zo.zo_eps, "weight_decay": optim.weight_decay,
+        "learning_rate": optim.learning_rate, "lr_scheduler_type": optim.lr_scheduler_type,
+        "warmup_steps": optim.warmup_steps, "max_length": cfg.data.max_length,
+        "global_batch": cfg.run.per_device_train_batch_size * world_size * cfg.run.gradient_accumulation_steps,
+        "trainer": bp.trainer,
+    }
+    if zo.zo_num_directions != 1:
+        fields["zo_num_directions"] = zo.zo_num_directions
+    if zo.zo_perturbation != "gaussian":  # absent from older checkpoints: gaussian
+        fields["zo_perturbation"] = zo.zo_perturbation
+    if zo.zo_optimizer != "mezo":  # absent from older checkpoints: mezo
+        from mezo_dist.zo.optimizers import hyper_from_args
+
+        fields.update(zo_optimizer=zo.zo_optimizer, **hyper_from_args(zo.zo_optimizer, zo))
+    if cfg.model.mixed_precision:
+        fields["precision"] = cfg.model.precision
+    if bp.trainer == "regular":
+        fields.update(optim=bp.optim, adam_beta1=bp.adam_beta1, adam_beta2=bp.adam_beta2,
+                      adam_epsilon=bp.adam_epsilon, momentum=bp.momentum, max_grad_norm=bp.max_grad_norm)
+    if cfg.data.train_file is not None:
+        fields["train_file_sha256"] = file_digest(cfg.data.train_file)
+    else:
+        fields.update(task_name=t.task_name, template=t.template, num_train=t.num_train, num_dev=t.num_dev,
+                      train_set_seed=t.train_set_seed, train_as_classification=t.train_as_classification,
+                      non_diff=t.non_diff, objective=t.objective)
+    if optim.lr_scheduler_type != "constant":
+        fields["max_steps"] = cfg.run.max_steps  # the schedule depends on it
+    return fields
 
 
 def list_checkpoints(output_dir: str | Path) -> list[Path]:

@@ -37,10 +37,14 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _main(argv: list[str] | None) -> int:
+    from mezo_dist import preflight
     from mezo_dist.config import parse_args
 
     try:
-        cfg = parse_args(argv)
+        # The flags alone, then what they name (files, the installed packages), all before any
+        # process group: bad input stops every rank before any of them waits in a rendezvous.
+        cfg = parse_args(argv, env=os.environ)
+        preflight.check(cfg)
     except ConfigError as e:
         say(str(e))
         return 2
@@ -63,7 +67,7 @@ def _main(argv: list[str] | None) -> int:
 
     from mezo_dist.placement.build import group_needs
 
-    return run_on_ranks(body, **group_needs(cfg.run.backend), hsdp_replicas=cfg.run.hsdp_replicas)
+    return run_on_ranks(body, **group_needs(cfg.parallel.backend), hsdp_replicas=cfg.parallel.hsdp_replicas)
 
 
 def run_on_ranks(body: Callable[[Any], int], **init_kwargs: Any) -> int:

@@ -8,14 +8,17 @@ import argparse
 import sys
 from pathlib import Path
 
-# Section titles of the flag groups, in the order of --help.
+# Section titles of the flag groups, one per concern (--help lists the same flags as one list).
 TITLES = {
-    "ModelArguments": "Model, LoRA and prefix",
+    "ModelArguments": "Model and precision",
+    "PeftArguments": "LoRA and prefix",
     "DataArguments": "Text data",
     "TaskArguments": "Tasks and evaluation",
-    "ZOArguments": "Zeroth-order optimisation and precision",
+    "OptimArguments": "Learning rate, schedule and weight decay (MeZO and backprop)",
+    "ZOArguments": "Zeroth-order optimisation",
     "BackpropArguments": "The backprop baseline (`--trainer regular`)",
-    "RunArguments": "Run: placement, steps, outputs, checkpoints",
+    "ParallelArguments": "Placement: backend, DeepSpeed config, HSDP",
+    "RunArguments": "Run: steps, batches, outputs, checkpoints",
     "ReplayArguments": "Replay",
 }
 
@@ -57,18 +60,18 @@ def render() -> str:
     parts = [
         "# Flags",
         "",
-        "Rendered from the parsers by `python -m mezo_dist.flag_docs docs/flags.md`: the same text as "
-        "`python launch/train.py --help` and `python launch/replay.py --help` (the suite fails when they "
-        "differ). Names follow the MeZO reference and Hugging Face `TrainingArguments`; every flag also "
+        "Rendered from the parsers by `python -m mezo_dist.flag_docs docs/flags.md`: the same flags, defaults "
+        "and help texts as `python launch/train.py --help` and `python launch/replay.py --help`, grouped by "
+        "concern (the suite fails when they differ). Names follow the MeZO reference and Hugging Face `TrainingArguments`; every flag also "
         "takes dashes (`--learning-rate`). Without `--task_name` and `--train_file`, the embedded demo "
-        "sets the flags you did not type (`DEMO_DEFAULTS` in `mezo_dist/config.py`).",
+        "sets the flags you did not type (`DEMO_DEFAULTS` in `mezo_dist/config/args.py`).",
         "",
         "## launch/train.py",
     ]
     for dtype in ARG_GROUPS:
         parts += ["", f"### {TITLES[dtype.__name__]}", "", table(dtype)]
-    parts += ["", "## launch/replay.py", "", "The model flags of `launch/train.py` above, and:",
-              "", table(ReplayArguments)]
+    parts += ["", "## launch/replay.py", "", "The model, LoRA and prefix flags of `launch/train.py` above (all but "
+              "`--precision`: the trajectory says which), and:", "", table(ReplayArguments)]
     return "\n".join(parts) + "\n"
 
 

@@ -7,10 +7,11 @@ world size and backend (the noise is layout-invariant).
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-from mezo_dist.config import BACKENDS, ModelArguments, parse_into, read_ds_config
+from mezo_dist.config import BACKENDS, CommandLine, ModelArguments, PeftArguments, model_flags, parse
 from mezo_dist.errors import ConfigError
 from mezo_dist import trajectory
 from mezo_dist.trajectory import read_trajectory
@@ -26,6 +27,11 @@ class ReplayArguments:
         default=False, metadata={"help": "Replace an --output_dir that already holds files (refused otherwise)."}
     )
     local_rank: int = field(default=-1, metadata={"help": "Set by the deepspeed launcher."})
+
+
+# The model flags of launch/train.py but --precision (the trajectory says which), then replay's own.
+REPLAY = CommandLine((ModelArguments, PeftArguments, ReplayArguments),
+                     model_flags(with_precision=False) + tuple(f.name for f in dataclasses.fields(ReplayArguments)))
 
 
 def replay(placement, rows: list[dict[str, Any]]) -> None:
@@ -69,7 +75,7 @@ def _main(argv: list[str] | None) -> int:
     from mezo_dist.export import check_export_dir
 
     try:
-        model_args, args = parse_into((ModelArguments, ReplayArguments), argv)
+        (model_args, peft_args, args), _ = parse(REPLAY, argv)
         if not args.output_dir:
             raise ConfigError("--output_dir is required")
         check_export_dir(args.output_dir, overwrite=args.overwrite_output_dir)
@@ -87,7 +93,7 @@ def _main(argv: list[str] | None) -> int:
             import torch
 
             from mezo_dist.distributed import env_world
-            from mezo_dist.placement.deepspeed_config import check_with_deepspeed
+            from mezo_dist.placement.deepspeed_config import check_with_deepspeed, read_ds_config
 
             check_with_deepspeed(read_ds_config(args.ds_config), args.ds_config, micro_batch=1, accumulation=1,
                                  world_size=env_world()[1], dtype=torch.float32)
@@ -109,8 +115,8 @@ def _main(argv: list[str] | None) -> int:
             from mezo_dist.models import DTYPES
 
             compute = DTYPES[PRECISIONS[rows[0]["precision"]]]
-        placement = build_placement(model_args, state, backend=backend, ds_config=args.ds_config, micro_batch=1,
-                                    compute_dtype=compute)
+        placement = build_placement(model_args, state, peft=peft_args, backend=backend, ds_config=args.ds_config,
+                                    micro_batch=1, compute_dtype=compute)
         replay(placement, rows)
         tokenizer = load_tokenizer(model_args.model_name_or_path, trust_remote_code=model_args.trust_remote_code)
         save_pretrained(placement, tokenizer, args.output_dir)

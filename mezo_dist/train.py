@@ -1,5 +1,5 @@
-"""The training loop: build the placement, resume, run the trainer's steps, evaluate, checkpoint,
-export. The loop knows the trainer by its protocol (``trainer.py``) and the placement by its
+"""The training loop over the parts :mod:`mezo_dist.build` makes: resume, run the trainer's
+steps, evaluate, checkpoint, export. The loop knows the trainer by its protocol (``trainer.py``) and the placement by its
 interface (``placement/base.py``): MeZO, every ``--zo_optimizer`` and the backprop baseline run
 through the same lines, on every backend."""
 
@@ -9,41 +9,15 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from mezo_dist.checkpoint import load_checkpoint, rotate_checkpoints, save_checkpoint
-from mezo_dist.config import TEXT_MAX_LENGTH, TrainConfig, resume_fields
+from mezo_dist.build import EvalSets, build
+from mezo_dist.checkpoint import load_checkpoint, resume_fields, rotate_checkpoints, save_checkpoint
+from mezo_dist.config import TaskArguments, TrainConfig
 from mezo_dist.distributed import DistState
 from mezo_dist.errors import TrainingError
 from mezo_dist.export import save_pretrained
 from mezo_dist.metrics import RunLogger
-from mezo_dist.models import DTYPES, is_masked_lm, load_config, load_tokenizer, max_positions
 from mezo_dist.placement.base import Placement
-from mezo_dist.placement.build import build_placement
 from mezo_dist.replicas import check_replicas
-from mezo_dist.schedule import lr_schedule
-from mezo_dist.tasks.base import Sample
-from mezo_dist.trainer import Trainer
-from mezo_dist.zo import optimizers
-
-
-def compute_dtype(cfg: TrainConfig):
-    """The forward dtype when it differs from the fp32 values MeZO edits, else None."""
-    from mezo_dist.config import PRECISIONS, mixed_precision
-
-    return DTYPES[PRECISIONS[cfg.zo.precision]] if mixed_precision(cfg) else None
-
-
-def build_trainer(cfg: TrainConfig, placement: Placement) -> Trainer:
-    """MeZO or the optimizer ``--zo_optimizer`` names, or with ``--trainer regular`` the baseline."""
-    schedule = lr_schedule(cfg.zo.lr_scheduler_type, cfg.zo.learning_rate, cfg.run.max_steps, cfg.zo.warmup_steps)
-    if cfg.bp.trainer == "regular":
-        from mezo_dist.backprop import Backprop
-
-        return Backprop(placement, cfg.bp, lr=schedule, weight_decay=cfg.zo.weight_decay)
-    zo = cfg.zo
-    return optimizers.build(zo.zo_optimizer, placement, lr=schedule, eps=zo.zo_eps, weight_decay=zo.weight_decay,
-                            seed=cfg.run.seed, num_directions=zo.zo_num_directions, perturbation=zo.zo_perturbation,
-                            kernel=zo.zo_kernel, precision=zo.precision if compute_dtype(cfg) is not None else None,
-                            **optimizers.hyper_from_args(zo.zo_optimizer, zo))
 
 
 @dataclass
@@ -59,65 +33,11 @@ class RunHooks:
     checkpoint_written: list[Callable[[], None]] = field(default_factory=list)
 
 
-@dataclass
-class EvalSets:
-    """Samples to score: ``dev`` picks the best step, ``eval`` is reported; ``max_length`` and
-    ``masked_lm`` say how they are encoded."""
-
-    dev: list[Sample] = field(default_factory=list)
-    eval: list[Sample] = field(default_factory=list)
-    max_length: int | None = None
-    masked_lm: bool = False
-
-
-def build_objective(cfg: TrainConfig, state: DistState, tokenizer):
-    """The training objective and the evaluation sets of the run."""
-    from mezo_dist.objectives import TaskObjective, TextObjective
-
-    run = cfg.run
-    if cfg.data.train_file is not None:
-        from mezo_dist.data import TextBatches, TokenizedText, read_jsonl
-
-        data = TokenizedText.build(read_jsonl(cfg.data.train_file), tokenizer, cfg.data.max_length or TEXT_MAX_LENGTH)
-        accum = run.gradient_accumulation_steps
-        batches = TextBatches(data, micro_batch=run.per_device_train_batch_size * accum, rank=state.rank,
-                              world_size=state.world_size, seed=run.seed)
-        return TextObjective(batches, state.device, accumulation=accum), EvalSets()
-    from mezo_dist.scoring import demonstrations, with_demonstrations
-    from mezo_dist.tasks import get_task
-
-    t = cfg.task
-    task = get_task(t.task_name)
-    # Zero-shot reads only the evaluation split; in-context learning also the training rows its
-    # demonstrations are drawn from; neither needs a dev set (nothing is selected).
-    num_train = t.num_train if not t.eval_only or t.num_demos else 0
-    num_dev = 0 if t.eval_only else t.num_dev
-    train, dev, evals = task.sample_splits(num_train, num_dev, t.num_eval, t.train_set_seed,
-                                           data_dir=t.data_dir, template=t.template)
-    if t.num_demos:
-        # In-context learning: the same demonstrations, drawn from the train sample, before each example.
-        demos = demonstrations(train, t.num_demos, t.train_set_seed)
-        dev = [with_demonstrations(s, demos) for s in dev]
-        evals = [with_demonstrations(s, demos) for s in evals]
-    model_config = load_config(cfg.model.model_name_or_path, trust_remote_code=cfg.model.trust_remote_code)
-    # Prompts longer than the model's positions are cut from the left (scoring keeps the answer).
-    max_length = cfg.data.max_length or max_positions(model_config)
-    masked_lm = is_masked_lm(model_config)  # candidates are then scored at mask tokens
-    objective = TaskObjective(
-        train, tokenizer, micro_batch=run.per_device_train_batch_size, rank=state.rank,
-        world_size=state.world_size, seed=run.seed, device=state.device,
-        as_classification=t.train_as_classification, non_diff=t.objective if t.non_diff else None,
-        max_length=max_length, max_new_tokens=t.max_new_tokens, accumulation=run.gradient_accumulation_steps,
-        masked_lm=masked_lm,
-    )
-    return objective, EvalSets(dev=dev, eval=evals, max_length=max_length, masked_lm=masked_lm)
-
-
 class Evaluator:
     """Scores the eval sets on the placed model (collective) and remembers the best dev step."""
 
-    def __init__(self, cfg: TrainConfig, placement: Placement, tokenizer, sets: EvalSets, logger: RunLogger) -> None:
-        self.cfg, self.placement, self.tokenizer, self.sets, self.logger = cfg, placement, tokenizer, sets, logger
+    def __init__(self, task: TaskArguments, placement: Placement, tokenizer, sets: EvalSets, logger: RunLogger) -> None:
+        self.task, self.placement, self.tokenizer, self.sets, self.logger = task, placement, tokenizer, sets, logger
         self.best: tuple[float, int] | None = None
 
     def score(self, split: str, step: int) -> dict[str, float]:
@@ -126,7 +46,7 @@ class Evaluator:
         samples = self.sets.dev if split == "dev" else self.sets.eval
         if not samples:
             return {}
-        t = self.cfg.task
+        t = self.task
         out = evaluate_task(self.placement, self.tokenizer, samples, metric_prefix=split, batch_size=t.eval_batch_size,
                             max_new_tokens=t.max_new_tokens, max_length=self.sets.max_length,
                             masked_lm=self.sets.masked_lm)
@@ -139,14 +59,9 @@ class Evaluator:
 
 def train(cfg: TrainConfig, state: DistState, hooks: RunHooks | None = None) -> dict[str, Any]:
     run, hooks = cfg.run, hooks or RunHooks()
-    tokenizer = load_tokenizer(cfg.model.model_name_or_path, trust_remote_code=cfg.model.trust_remote_code)
-    objective, sets = build_objective(cfg, state, tokenizer)
-    regular = cfg.bp.trainer == "regular"
-    placement = build_placement(cfg.model, state, backend=run.backend, ds_config=run.ds_config,
-                                micro_batch=run.per_device_train_batch_size, accumulation=run.gradient_accumulation_steps,
-                                backprop=cfg.bp if regular else None, learning_rate=cfg.zo.learning_rate,
-                                weight_decay=cfg.zo.weight_decay, compute_dtype=compute_dtype(cfg))
-    trainer = build_trainer(cfg, placement)
+    built = build(cfg, state)
+    tokenizer, objective, sets, placement, trainer = (built.tokenizer, built.objective, built.sets, built.placement,
+                                                      built.trainer)
     start, skipped, best = 0, 0, None
     if run.resume_from_checkpoint:
         saved = load_checkpoint(placement, run.resume_from_checkpoint)
@@ -160,7 +75,7 @@ def train(cfg: TrainConfig, state: DistState, hooks: RunHooks | None = None) -> 
     steps = 0 if cfg.task.eval_only else run.max_steps
     logger = RunLogger(state, run.output_dir, max_steps=steps, report_to=run.report_to,
                        progress=not run.disable_tqdm, start_step=start)
-    evaluator = Evaluator(cfg, placement, tokenizer, sets, logger)
+    evaluator = Evaluator(cfg.task, placement, tokenizer, sets, logger)
     if start and best:
         evaluator.best = (float(best[0]), int(best[1]))
     results: dict[str, float] = {}
@@ -186,7 +101,7 @@ def train(cfg: TrainConfig, state: DistState, hooks: RunHooks | None = None) -> 
         save_pretrained(placement, tokenizer, f"{run.output_dir}/final")
         if results:
             logger.write_json("eval_results.json", results)
-        summary = {"steps": run.max_steps, "skipped_steps": skipped, "backend": run.backend,
+        summary = {"steps": run.max_steps, "skipped_steps": skipped, "backend": cfg.parallel.backend,
                    "world_size": state.world_size, "resumed_from_step": start, "peak_memory_bytes_per_rank": peaks,
                    **trainer.summary()}
         logger.write_json("train_results.json", summary)
@@ -196,7 +111,7 @@ def train(cfg: TrainConfig, state: DistState, hooks: RunHooks | None = None) -> 
 
 
 def _loop(cfg, state, placement, trainer, objective, evaluator, logger, hooks, start, skipped) -> int:
-    run, fields = cfg.run, resume_fields(cfg, state.world_size)
+    run, backend, fields = cfg.run, cfg.parallel.backend, resume_fields(cfg, state.world_size)
     for step in range(start, run.max_steps):
         for hook in hooks.before_step:
             hook(step)
@@ -230,9 +145,9 @@ def _loop(cfg, state, placement, trainer, objective, evaluator, logger, hooks, s
             if evaluator.best is None or metric > evaluator.best[0]:
                 evaluator.best = (metric, done)
                 save_checkpoint(placement, f"{run.output_dir}/checkpoint-best",
-                                {"step": done, "skipped_steps": skipped, "backend": run.backend, "run": fields},
+                                {"step": done, "skipped_steps": skipped, "backend": backend, "run": fields},
                                 before_publish=hooks.checkpoint_written)
-        trainer_state = {"step": done, "skipped_steps": skipped, "backend": run.backend, "run": fields,
+        trainer_state = {"step": done, "skipped_steps": skipped, "backend": backend, "run": fields,
                          "best": evaluator.best}
         opt_state = trainer.state_dict()
         if opt_state is not None:  # what a resume needs beyond the parameters (sparse thresholds, adamezo history)

@@ -30,13 +30,12 @@ import dataclasses
 import logging
 import os
 from dataclasses import dataclass
-from types import SimpleNamespace
 from typing import Any, Optional
 
 import torch
 from transformers import Trainer, TrainingArguments
 
-from mezo_dist.config import BackpropArguments, ZOArguments, validate_zo_optimizer
+from mezo_dist.config import ZOArguments, validate_zo
 from mezo_dist.zo import optimizers
 
 logger = logging.getLogger(__name__)
@@ -90,7 +89,7 @@ class MeZOTrainingArguments(TrainingArguments):
         # launch/train.py's own checks (ConfigError, a ValueError), which also fill the defaults
         # that depend on the optimizer (fzoo: 8 rademacher directions).
         zo = ZOArguments(**{name: getattr(self, name) for name in _ZO_FIELDS})
-        validate_zo_optimizer(SimpleNamespace(zo=zo, bp=BackpropArguments()))
+        validate_zo(zo)
         self.zo_num_directions, self.zo_perturbation = zo.zo_num_directions, zo.zo_perturbation
         if not self.zo_eps > 0:
             raise ValueError(f"zo_eps must be > 0, got {self.zo_eps}")

@@ -23,11 +23,12 @@ def group_needs(backend: str) -> dict[str, bool]:
 
 
 def build_placement(
-    m: Any, state: DistState, *, backend: str, ds_config: str | None, micro_batch: int,
+    m: Any, state: DistState, *, peft: Any = None, backend: str, ds_config: str | None, micro_batch: int,
     accumulation: int = 1, backprop: Any = None, learning_rate: float = 0.0,
     weight_decay: float = 0.0, compute_dtype: torch.dtype | None = None,
 ) -> Placement:
-    """The model on this rank, as ``backend`` places it (``m``: ``config.ModelArguments``).
+    """The model on this rank, as ``backend`` places it (``m``: ``config.ModelArguments``; ``peft``:
+    ``config.PeftArguments``, LoRA adapters or a prefix to train, None for every parameter).
 
     ``compute_dtype`` (``--precision`` bf16/fp16 over fp32 values): forwards in that dtype, fp32
     values for MeZO to edit (autocast on single, FSDP2 mixed precision, fp32 masters on zero3).
@@ -38,7 +39,7 @@ def build_placement(
     from mezo_dist.models import DTYPES
 
     build = BUILDERS[backend]
-    return build(m, state, dtype=DTYPES[m.torch_dtype], ds_config=ds_config, micro_batch=micro_batch,
+    return build(m, state, peft=peft, dtype=DTYPES[m.torch_dtype], ds_config=ds_config, micro_batch=micro_batch,
                  accumulation=accumulation, backprop=backprop, learning_rate=learning_rate,
                  weight_decay=weight_decay, compute_dtype=compute_dtype)
 
@@ -47,10 +48,10 @@ def _checkpointing(backprop: Any) -> bool:
     return backprop is not None and backprop.gradient_checkpointing
 
 
-def _torch_placed(build: Callable[..., Placement], m: Any, state: DistState, *, dtype: torch.dtype, backprop: Any,
-                  compute_dtype: torch.dtype | None, **_: Any) -> Placement:
+def _torch_placed(build: Callable[..., Placement], m: Any, state: DistState, *, peft: Any, dtype: torch.dtype,
+                  backprop: Any, compute_dtype: torch.dtype | None, **_: Any) -> Placement:
     """single and fsdp: the builder applies the forward dtype; checkpointing is set on the module."""
-    placement = build(m.model_name_or_path, state, dtype=dtype, trust_remote_code=m.trust_remote_code, lora=m,
+    placement = build(m.model_name_or_path, state, dtype=dtype, trust_remote_code=m.trust_remote_code, lora=peft,
                       compute_dtype=compute_dtype)
     if _checkpointing(backprop):
         placement.module.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -69,10 +70,10 @@ def _fsdp(m: Any, state: DistState, **kw: Any) -> Placement:
     return _torch_placed(build_fsdp, m, state, **kw)
 
 
-def _zero3(m: Any, state: DistState, *, dtype: torch.dtype, ds_config: str | None, micro_batch: int,
+def _zero3(m: Any, state: DistState, *, peft: Any, dtype: torch.dtype, ds_config: str | None, micro_batch: int,
            accumulation: int, backprop: Any, learning_rate: float, weight_decay: float,
            compute_dtype: torch.dtype | None) -> Placement:
-    from mezo_dist.config import read_ds_config
+    from mezo_dist.placement.deepspeed_config import read_ds_config
     from mezo_dist.placement.masters import Masters
     from mezo_dist.placement.zero3 import build_zero3
 
@@ -86,7 +87,7 @@ def _zero3(m: Any, state: DistState, *, dtype: torch.dtype, ds_config: str | Non
     masters = Masters() if compute_dtype is not None and backprop is None else None
     return build_zero3(
         m.model_name_or_path, read_ds_config(ds_config, with_optimizer=backprop is not None), state,
-        micro_batch=micro_batch, dtype=compute_dtype or dtype, trust_remote_code=m.trust_remote_code, lora=m,
+        micro_batch=micro_batch, dtype=compute_dtype or dtype, trust_remote_code=m.trust_remote_code, lora=peft,
         accumulation=accumulation, optimizer=optimizer, gradient_checkpointing=_checkpointing(backprop),
         masters=masters,
     )

@@ -241,57 +241,6 @@ def _is_offload_only(optimizer: Any) -> bool:
     return type(optimizer).__name__ == "DeepSpeedZeRoOffload"
 
 
-def fill_ds_config(
-    ds_config: dict, *, micro_batch: int, world_size: int, dtype: torch.dtype, hidden_size: int | None,
-    accumulation: int = 1, optimizer: dict[str, Any] | None = None,
-) -> dict:
-    """Replace ``"auto"`` fields from the run's own settings (accelerate's convention).
-
-    ``optimizer`` holds the backprop baseline's settings (lr, betas, eps, weight_decay,
-    gradient_clipping) for the ds_config's optimizer section.
-    """
-    import copy
-
-    cfg = copy.deepcopy(ds_config)
-
-    def fill(d: dict, key: str, value: Any) -> None:
-        if d.get(key, "auto") == "auto":
-            d[key] = value
-        elif key in ("train_micro_batch_size_per_gpu",) and d[key] != value:
-            raise ValueError(f"ds_config sets {key}={d[key]} but --per_device_train_batch_size is {value}")
-
-    fill(cfg, "train_micro_batch_size_per_gpu", micro_batch)
-    fill(cfg, "gradient_accumulation_steps", accumulation)
-    fill(cfg, "train_batch_size", micro_batch * world_size * cfg["gradient_accumulation_steps"])
-    cfg.setdefault("steps_per_print", 10**9)
-    if optimizer is not None and "optimizer" in cfg:
-        params = cfg["optimizer"].setdefault("params", {})
-        from mezo_dist.config import FILLED_OPTIMIZER_PARAMS
-
-        for key in FILLED_OPTIMIZER_PARAMS:
-            if key in optimizer and params.get(key) == "auto":
-                params[key] = optimizer[key]
-        fill(cfg, "gradient_clipping", optimizer.get("gradient_clipping", 0.0))
-        left = [k for k, v in params.items() if v == "auto"]
-        if left:
-            raise ValueError(f"ds_config optimizer has 'auto' fields this run cannot fill: {', '.join(left)}")
-    for key, want in (("bf16", dtype == torch.bfloat16), ("fp16", dtype == torch.float16)):
-        section = cfg.get(key)
-        if isinstance(section, dict) and section.get("enabled") == "auto":
-            section["enabled"] = want
-    zero = cfg["zero_optimization"]
-    if hidden_size is not None:
-        # The same sizes the Hugging Face integration picks for "auto".
-        fill(zero, "reduce_bucket_size", hidden_size * hidden_size)
-        fill(zero, "stage3_prefetch_bucket_size", int(0.9 * hidden_size * hidden_size))
-        fill(zero, "stage3_param_persistence_threshold", 10 * hidden_size)
-    else:
-        for key in ("reduce_bucket_size", "stage3_prefetch_bucket_size", "stage3_param_persistence_threshold"):
-            if zero.get(key) == "auto":
-                del zero[key]
-    return cfg
-
-
 def build_zero3(
     name_or_path: str,
     ds_config: dict,
@@ -319,6 +268,7 @@ def build_zero3(
 
     from mezo_dist import hf_shards
     from mezo_dist.models import apply_lora, auto_class, load_config
+    from mezo_dist.placement.deepspeed_config import fill_ds_config
 
     hidden = getattr(load_config(name_or_path, trust_remote_code=trust_remote_code), "hidden_size", None)
     cfg = fill_ds_config(ds_config, micro_batch=micro_batch, world_size=state.world_size, dtype=dtype, hidden_size=hidden,

@@ -19,7 +19,7 @@ def export_all(state, backend: str, models: dict[str, str], out: str) -> None:
     """Place each model on ``backend`` and export it to ``out/<arch>`` (collective)."""
     from mezo_dist.config import ModelArguments
     from mezo_dist.export import save_pretrained
-    from mezo_dist.train import build_placement
+    from mezo_dist.placement.build import build_placement
 
     ds_config = str(ROOT / "ds_configs" / "zero3.json") if backend == "zero3" else None
     for arch, folder in models.items():

@@ -59,11 +59,11 @@ def test_mezo_never_touches_frozen_base_weights(tiny_models):
     from transformers import AutoModelForCausalLM
 
     from mezo_dist import MeZO, wrap
-    from mezo_dist.config import ModelArguments
+    from mezo_dist.config import PeftArguments
     from mezo_dist.models import apply_lora
 
     model = apply_lora(AutoModelForCausalLM.from_pretrained(tiny_models["opt"]),
-                       ModelArguments(model_name_or_path="x", lora=True, lora_r=2))
+                       PeftArguments(lora=True, lora_r=2))
     frozen = {k: v.detach().clone() for k, v in model.named_parameters() if not v.requires_grad}
     trainable = {k: v.detach().clone() for k, v in model.named_parameters() if v.requires_grad}
     ids = torch.arange(4, 20).reshape(2, 8)

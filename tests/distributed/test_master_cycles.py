@@ -11,7 +11,7 @@ from tests.helpers import ROOT
 
 def cycles(state, backend: str, model: str) -> dict:
     from mezo_dist.config import ModelArguments
-    from mezo_dist.train import build_placement
+    from mezo_dist.placement.build import build_placement
     from mezo_dist.zo import noise
     from mezo_dist.zo.step import MeZO
 

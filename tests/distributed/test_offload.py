@@ -14,7 +14,7 @@ import json
 
 import pytest
 
-from mezo_dist.config import read_ds_config
+from mezo_dist.placement.deepspeed_config import read_ds_config
 from mezo_dist.errors import ConfigError
 from tests.distributed.test_equivalence import trajectory, weights
 from tests.helpers import ROOT, launch

@@ -87,7 +87,7 @@ def test_every_rank_makes_the_same_number_of_forwards(reports):
 def single(tiny_models):
     from mezo_dist.config import ModelArguments
     from mezo_dist.models import load_tokenizer
-    from mezo_dist.train import build_placement
+    from mezo_dist.placement.build import build_placement
 
     state = DistState(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"), backend="")
     path = str(tiny_models["opt"])

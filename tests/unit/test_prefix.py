@@ -9,9 +9,9 @@ from mezo_dist.cli import main
 
 
 def prefix_args(**kw):
-    from mezo_dist.config import ModelArguments
+    from mezo_dist.config import PeftArguments
 
-    return ModelArguments(model_name_or_path="x", prefix_tuning=True, num_prefix=3, **kw)
+    return PeftArguments(prefix_tuning=True, num_prefix=3, **kw)
 
 
 def test_prefix_starts_from_real_activations(tiny_models):

@@ -78,7 +78,7 @@ def test_every_shipped_ds_config_is_accepted_by_its_trainer():
 
     import torch
 
-    from mezo_dist.config import read_ds_config
+    from mezo_dist.placement.deepspeed_config import read_ds_config
     from mezo_dist.placement.deepspeed_config import check_with_deepspeed
 
     shipped = sorted((ROOT / "ds_configs").glob("*.json"))
@@ -99,12 +99,12 @@ def test_docs_flags_is_what_help_prints():
     help text of --help (regenerate: python -m mezo_dist.flag_docs docs/flags.md)."""
     from transformers import HfArgumentParser
 
-    from mezo_dist.config import ARG_GROUPS, ModelArguments
+    from mezo_dist.config import ARG_GROUPS
     from mezo_dist.flag_docs import render
-    from mezo_dist.replay import ReplayArguments
+    from mezo_dist.replay import REPLAY
 
     doc = DOCS["flags.md"]
-    flags = {s for types in (ARG_GROUPS, (ModelArguments, ReplayArguments))
+    flags = {s for types in (ARG_GROUPS, REPLAY.groups)
              for action in HfArgumentParser(types)._actions for s in action.option_strings
              if s.startswith("--") and "-" not in s[2:] and s != "--help"}
     missing = sorted(f for f in flags if f"`{f}`" not in doc)

@@ -3,7 +3,7 @@
 DeepSpeed's own partitioning runs for real under torch's fake process group: a module holding one
 parameter of each distinct OPT-66B / OPT-175B tensor shape is built under ``deepspeed.zero.Init``
 with the shipped ``ds_configs/zero3.json`` (its ``"auto"`` fields filled by
-``placement.zero3.fill_ds_config``) and wrapped in a forward-only engine, as a few real ranks of
+``placement.deepspeed_config.fill_ds_config``) and wrapped in a forward-only engine, as a few real ranks of
 each world. ZeRO-3 partitions each parameter on its own, so the module around the parameters does
 not change a partition (and building the whole OPT under ``zero.Init`` would initialise 66 billion
 real weights). At those ranks DeepSpeed's partition size, the project's ``_partition_geometry``
@@ -32,7 +32,8 @@ from torch import nn
 
 from mezo_dist import plan
 from mezo_dist.checkpoint import check_coverage
-from mezo_dist.placement.zero3 import Zero3Placement, _partition_geometry, fill_ds_config
+from mezo_dist.placement.deepspeed_config import fill_ds_config
+from mezo_dist.placement.zero3 import Zero3Placement, _partition_geometry
 from tests.helpers import ROOT
 from tests.scale_sim import (WORLDS, coverage_index, fake_group, opt_config, owner_rule, sample_ranks, state_of,
                              zero3_layout)

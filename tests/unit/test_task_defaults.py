@@ -98,10 +98,10 @@ def test_demo_defaults_fill_only_the_flags_the_user_left_untyped(tiny_models, tm
             "--output_dir", str(tmp_path / "out")]
     cfg = parse_args(base)
     assert cfg.task.task_name == "Polarity"
-    assert (cfg.zo.learning_rate, cfg.run.per_device_train_batch_size, cfg.task.num_eval) == (3e-5, 16, 200)
+    assert (cfg.optim.learning_rate, cfg.run.per_device_train_batch_size, cfg.task.num_eval) == (3e-5, 16, 200)
     typed = ["--learning_rate", "1e-6", "--per_device_train_batch_size", "8", "--num_eval", "1000",
              "--eval_steps", "0"]  # each one the flag's dataclass default
     cfg = parse_args(base + typed)
-    assert (cfg.zo.learning_rate, cfg.run.per_device_train_batch_size, cfg.task.num_eval) == (1e-6, 8, 1000)
+    assert (cfg.optim.learning_rate, cfg.run.per_device_train_batch_size, cfg.task.num_eval) == (1e-6, 8, 1000)
     assert cfg.task.eval_steps == 0
     assert (cfg.task.task_name, cfg.task.num_dev, cfg.run.max_steps) == ("Polarity", 100, 90)  # untyped: the demo's

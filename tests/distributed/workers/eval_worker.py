@@ -24,7 +24,7 @@ def main() -> None:
     from mezo_dist.evaluate import evaluate_task
     from mezo_dist.models import load_tokenizer
     from mezo_dist.tasks import get_task
-    from mezo_dist.train import build_placement
+    from mezo_dist.placement.build import build_placement
 
     state = init_distributed(use_deepspeed=backend == "zero3", need_group=backend == "fsdp")
     try:

@@ -9,7 +9,7 @@ import torch
 
 def main() -> None:
     model_dir, out = sys.argv[1:3]
-    from mezo_dist.config import read_ds_config
+    from mezo_dist.placement.deepspeed_config import read_ds_config
     from mezo_dist.distributed import init_distributed, teardown
     from mezo_dist.placement.zero3 import build_zero3
 

@@ -38,7 +38,7 @@ def main() -> None:
     from mezo_dist.config import ModelArguments
     from mezo_dist.distributed import init_distributed, teardown
     from mezo_dist.objectives import causal_lm_loss
-    from mezo_dist.train import build_placement
+    from mezo_dist.placement.build import build_placement
     from mezo_dist.zo import optimizers
 
     state = init_distributed(use_deepspeed=backend == "zero3", need_group=backend == "fsdp")
