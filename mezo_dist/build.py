@@ -58,9 +58,10 @@ def build(cfg: TrainConfig, state: DistState) -> Built:
     objective, sets = build_objective(cfg.data, cfg.task, run, state, tokenizer=tokenizer, model_config=model_config)
     regular = cfg.bp.trainer == "regular"
     placement = build_placement(m, state, peft=cfg.peft, backend=cfg.parallel.backend, ds_config=cfg.parallel.ds_config,
-                                micro_batch=run.per_device_train_batch_size, accumulation=run.gradient_accumulation_steps,
-                                backprop=cfg.bp if regular else None, learning_rate=cfg.optim.learning_rate,
-                                weight_decay=cfg.optim.weight_decay, compute_dtype=compute_dtype(m))
+                                micro_batch=run.per_device_train_batch_size,
+                                accumulation=run.gradient_accumulation_steps, backprop=cfg.bp if regular else None,
+                                learning_rate=cfg.optim.learning_rate, weight_decay=cfg.optim.weight_decay,
+                                compute_dtype=compute_dtype(m))
     trainer = build_trainer(placement, cfg.optim, cfg.zo, cfg.bp, max_steps=run.max_steps, seed=run.seed,
                             precision=m.precision if m.mixed_precision else None)
     return Built(tokenizer=tokenizer, objective=objective, sets=sets, placement=placement, trainer=trainer)

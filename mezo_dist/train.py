@@ -1,7 +1,7 @@
 """The training loop over the parts :mod:`mezo_dist.build` makes: resume, run the trainer's
-steps, evaluate, checkpoint, export. The loop knows the trainer by its protocol (``trainer.py``) and the placement by its
-interface (``placement/base.py``): MeZO, every ``--zo_optimizer`` and the backprop baseline run
-through the same lines, on every backend."""
+steps, evaluate, checkpoint, export. The loop knows the trainer by its protocol (``trainer.py``)
+and the placement by its interface (``placement/base.py``): MeZO, every ``--zo_optimizer`` and
+the backprop baseline run through the same lines, on every backend."""
 
 from __future__ import annotations
 

@@ -33,7 +33,8 @@ class CommandLine:
 
     def __post_init__(self) -> None:
         names = [f.name for g in self.groups for f in dataclasses.fields(g)]
-        if len(set(names)) != len(names) or not set(self.order) <= set(names) or len(set(self.order)) != len(self.order):
+        once = len(set(names)) == len(names) and len(set(self.order)) == len(self.order)
+        if not once or not set(self.order) <= set(names):
             raise ValueError(f"{self.order} must name fields of {[g.__name__ for g in self.groups]} once each")
 
     def flat_type(self) -> type:
