@@ -70,6 +70,8 @@ class PeftArguments:
 
 @dataclass(kw_only=True)
 class DataArguments:
+    """Causal-LM text to train on (a JSON Lines file), and how long its examples may be."""
+
     train_file: Optional[str] = field(
         default=None,
         metadata={"help": "JSON Lines with a 'text' field (causal-LM loss); default: the embedded "
@@ -82,6 +84,8 @@ class DataArguments:
 
 @dataclass(kw_only=True)
 class TaskArguments:
+    """One of the paper's tasks: its data and samples, the training loss, and evaluation."""
+
     task_name: Optional[str] = field(
         default=None,
         metadata={"help": "One of the paper's tasks (SST2, RTE, CB, BoolQ, WSC, WIC, MultiRC, Copa, ReCoRD, SQuAD, "
