@@ -20,12 +20,12 @@ each call paid about 0.15-0.2 ms of guard checks and Python wrappers, half of a 
 SmolLM2-135M on 2 cores. So on CPU each variant
 (:class:`Variant`: layout, kind, destination dtypes, master update) is exported once with a
 dynamic size (``torch.export``) and compiled by AOTInductor into a package under
-``$MEZO_DIST_CACHE/kernels``, named by a hash of the traced source (``hashz.py`` and the kernel's functions here), torch's version, the
-compile options and the CPU's instruction set. A process loads a package in milliseconds and
-calls it through its C++ loader (about 15 us per call); the key words, first index and
-coefficients are tensors, so one kernel serves every piece, key, offset and step. A cold cache
-compiles each variant once per machine (tens of seconds; ranks that need the same one at once
-wait on a file lock for the first).
+``$MEZO_DIST_CACHE/kernels``, named by a hash of the traced source (``hashz.py`` and the
+kernel's functions here), torch's version, the compile options and the CPU's instruction set. A
+process loads a package in milliseconds and calls it through its C++ loader (about 15 us per
+call); the key words, first index and coefficients are tensors, so one kernel serves every
+piece, key, offset and step. A cold cache compiles each variant once per machine (tens of
+seconds; ranks that need the same one at once wait on a file lock for the first).
 Eager evaluation is not the same function bit for bit (eager ``torch.sqrt`` on CPU is not
 correctly rounded), so a failed compile raises instead of running eagerly: ``--zo_kernel
 blocks`` is the way out. On CUDA the same module is compiled by ``torch.compile`` in the process
