@@ -57,7 +57,6 @@ def owns_piece(piece: Piece, state) -> bool:
     return state.rank < state.world_size // max(1, getattr(state, "hsdp_replicas", 1))
 
 
-
 def write_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> str:
     """Write ``tensors`` in the safetensors format, one tensor at a time, and return the file's
     sha256, computed over the bytes as they are written.

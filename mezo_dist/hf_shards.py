@@ -248,21 +248,22 @@ def write_shards(entries: list[Entry], gather: Callable[[Slot], torch.Tensor], f
     rank) and write the ones this rank owns into its file in ``folder`` as they come: the file's
     header is laid out from the entries' shapes first, so no rank keeps more than the tensor in
     hand. Returns the index's weight map (the same on every rank)."""
+    from contextlib import nullcontext
+
     from mezo_dist.safetensors_io import Writer
 
     owner_of = owners(entries, world)
     names = file_names(owner_of)
-    writer = None
+    writer = nullcontext()
     if rank in names:
         specs = {e.key: (e.shape, e.dtype) for e, owner in zip(entries, owner_of) if owner == rank}
         writer = Writer(folder / names[rank], specs, metadata={"format": "pt"})
-    for entry, owner in zip(entries, owner_of):
-        full = gather(entry.slot)
-        if owner == rank:
-            writer.write(entry.key, full)
-        del full
-    if writer is not None:
-        writer.close()
+    with writer:
+        for entry, owner in zip(entries, owner_of):
+            full = gather(entry.slot)
+            if owner == rank:
+                writer.write(entry.key, full)
+            del full
     return {entry.key: names[owner] for entry, owner in zip(entries, owner_of)}
 
 

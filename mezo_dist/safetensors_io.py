@@ -142,6 +142,17 @@ class Writer:
         finally:
             os.close(self._fd)
 
+    def __enter__(self) -> "Writer":
+        return self
+
+    def __exit__(self, kind, *_) -> None:
+        # A failure on the way (a gather that raised) leaves an incomplete file, which the caller's
+        # temporary folder holds; only the descriptor needs closing then.
+        if kind is None:
+            self.close()
+        else:
+            os.close(self._fd)
+
     def _pwrite(self, view: memoryview, offset: int) -> None:
         done = 0
         while done < len(view):
