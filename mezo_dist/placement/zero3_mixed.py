@@ -106,6 +106,11 @@ class Zero3MixedPlacement(Zero3Placement):
                 return full.view(tuple(p.ds_shape))
         return super().gather_tensor(slot)
 
+    def gathered_dtype(self, slot: tuple[nn.Module, str]) -> torch.dtype:
+        # What MeZO edits, and gather_tensor returns, of a trainable parameter: its fp32 master.
+        p = slot[0]._parameters.get(slot[1])
+        return torch.float32 if p is not None and p.requires_grad else super().gathered_dtype(slot)
+
     @torch.no_grad()
     def full_state_dict(self) -> dict[str, torch.Tensor] | None:
         sd = super().full_state_dict()  # buffers, and every parameter in the compute dtype
