@@ -6,7 +6,7 @@ weights, built from its config: no download), for:
 * ``reference``: the MeZO reference's way, per parameter ``torch.normal(0, 1, p.shape)`` from the
   global generator, then out of place ``p.data = p.data + eps * z``;
 * ``compiled``: this project's default pass (``MeZO.perturb``, ``--zo_kernel compiled``): z a
-  hash of each element's global index, drawn and applied in place by one torch.compile kernel;
+  hash of each element's global index, drawn and applied in place by one compiled kernel;
   Gaussian and Rademacher;
 * ``blocks``: the first release's pass: layout-invariant blocks of z, drawn by a thread pool on
   CPU, applied in place; Gaussian and Rademacher;

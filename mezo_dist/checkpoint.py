@@ -36,6 +36,7 @@ import torch
 from mezo_dist.errors import ConfigError
 from mezo_dist.io import atomic_write_text, fresh_folder_beside, inside, publish_folder, sha256_file
 from mezo_dist.placement.base import Piece, Placement
+from mezo_dist.safetensors_io import NAMES
 
 if TYPE_CHECKING:
     from mezo_dist.config import TrainConfig
@@ -59,11 +60,6 @@ def owns_piece(piece: Piece, state) -> bool:
     return state.rank < state.world_size // max(1, getattr(state, "hsdp_replicas", 1))
 
 
-_ST_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
-              torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
-              torch.bool: "BOOL"}
-
-
 def write_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> str:
     """Write ``tensors`` in the safetensors format, one tensor at a time, and return the file's
     sha256, computed over the bytes as they are written.
@@ -72,13 +68,14 @@ def write_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: di
     digest, so a checksum would cost a copy of the shard and a second pass over the file. The
     format is small: an 8-byte little-endian header length, a JSON header (each tensor's dtype,
     shape and byte range; padded with spaces to 8 bytes), then the raw little-endian data. Files
-    are read back with the safetensors library itself.
+    are read back by byte ranges (:mod:`mezo_dist.safetensors_io`); the safetensors library loads
+    them too.
     """
     header: dict[str, Any] = {}
     offset = 0
     for key, t in tensors.items():
         size = t.numel() * t.element_size()
-        header[key] = {"dtype": _ST_DTYPES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + size]}
+        header[key] = {"dtype": NAMES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + size]}
         offset += size
     header["__metadata__"] = metadata
     raw = json.dumps(header, separators=(",", ":")).encode()
@@ -261,7 +258,9 @@ def load_checkpoint(placement: Placement, path: str | Path) -> dict[str, Any]:
 
 
 def _fill(placement: Placement, path: Path, index: dict[str, Any]) -> None:
-    from safetensors import safe_open
+    # Plain reads of each chunk's bytes into the piece: a memory map would keep the file's pages
+    # of every chunk read resident beside the pieces, the rank's share twice.
+    from mezo_dist.safetensors_io import Reader
 
     pieces = placement.pieces()
     mine = {p.name: p.full_numel for p in pieces}
@@ -288,15 +287,15 @@ def _fill(placement: Placement, path: Path, index: dict[str, Any]) -> None:
                     where = inside(path, file, what=f"checkpoint {path} index.json")
                     if file in digests and sha256_file(where) != digests[file]:
                         raise ConfigError(f"checkpoint {path} is corrupt: {file} does not match its sha256")
-                    handles[file] = safe_open(str(where), framework="pt", device="cpu")
-                chunk = handles[file].get_slice(key)
-                if chunk.get_shape() != [count]:
+                    handles[file] = Reader(where)
+                shape = handles[file].shape(key)
+                if shape != (count,):
                     raise ConfigError(f"checkpoint {path} is corrupt: {file} holds {key} with shape "
-                                      f"{chunk.get_shape()}, the index says [{count}]")
-                p.local[a - lo : b - lo].copy_(chunk[a - offset : b - offset])
+                                      f"{list(shape)}, the index says [{count}]")
+                handles[file].read_into(key, a - offset, p.local[a - lo : b - lo])
     except ConfigError:
         raise
-    except Exception as e:  # a corrupt file surfaces here, from the safetensors reader
+    except Exception as e:  # a corrupt file surfaces here, from the reader
         raise ConfigError(f"checkpoint {path} is corrupt: {file}: {type(e).__name__}: {e}") from None
 
 

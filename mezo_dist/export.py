@@ -1,7 +1,8 @@
 """Hugging Face exports of a placed model, written atomically.
 
 A sharded placement (FSDP2, ZeRO-3) exports per rank (:mod:`mezo_dist.hf_shards`): each tensor
-is gathered on its own and kept by the rank that writes it, so no process ever holds the model;
+is gathered on its own and written at once by the rank that owns it, so a rank holds its shard
+and one tensor, never the model;
 a peft model exports its adapters only, gathered one at a time. A replica (``single``) writes
 the model it holds.
 
@@ -77,7 +78,7 @@ def _save_sharded(placement: Placement, tokenizer, path: Path) -> None:
         if state.is_main and not _save_prompt_learning(module, state_dict, tmp):
             module.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
     else:
-        entries = hf_shards.export_entries(module, placement.checkpoint_sources)
+        entries = hf_shards.export_entries(module, placement.checkpoint_sources, placement.gathered_dtype)
         weight_map = hf_shards.write_shards(entries, placement.gather_tensor, tmp, rank=state.rank,
                                             world=state.world_size)
         if state.is_main:

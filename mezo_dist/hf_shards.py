@@ -1,12 +1,12 @@
 """Hugging Face safetensors checkpoints read and written per rank: no process ever holds the model.
 
 Start-up: every rank reads, from the pretrained files, only the elements of each tensor that it
-holds (a flat range, read as the rows that cover it through safetensors' slice reads of the
-memory-mapped file), and writes them into its shard or partition. Export: each tensor is gathered
-whole for a moment (one at a time, so one tensor is the most any rank holds beyond its share) and
-kept by the rank that owns it; the owners of contiguous runs of tensors write one safetensors
-file each, and rank 0 writes the index, the config and the tokenizer. The result is the layout
-``save_pretrained`` writes for a sharded checkpoint, loadable with ``from_pretrained``.
+holds (a flat range, one byte range of the file, read straight into its shard or partition by
+:mod:`mezo_dist.safetensors_io`). Export: each tensor is gathered whole for a moment (one at a
+time, so one tensor is the most any rank holds beyond its shard) and written at once by the rank
+that owns it; the owners of contiguous runs of tensors write one safetensors file each, and rank 0
+writes the index, the config and the tokenizer. The result is the layout ``save_pretrained``
+writes for a sharded checkpoint, loadable with ``from_pretrained``.
 
 Tensor names follow transformers: a checkpoint key is renamed to the model's key with the model's
 own conversion mapping (GPT-NeoX's ``embed_out`` is ``lm_head`` in memory), and an export writes
@@ -43,47 +43,36 @@ def resolve_folder(name_or_path: str) -> Path:
 
 
 class SafetensorsFolder:
-    """The safetensors files of a model folder, opened memory-mapped, one handle per file."""
+    """The safetensors files of a model folder, their headers read once; tensors are read by
+    element ranges (:mod:`mezo_dist.safetensors_io`), never memory-mapped."""
 
     def __init__(self, folder: Path) -> None:
-        from safetensors import safe_open
+        from mezo_dist.safetensors_io import Reader
 
         self.folder = folder
         index = folder / INDEX
         if index.exists():
             weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
-            files = {key: inside(folder, name, what=f"model folder {folder}: {INDEX}") for key, name in weight_map.items()}
+            paths = {key: inside(folder, name, what=f"model folder {folder}: {INDEX}") for key, name in weight_map.items()}
+            readers = {f: Reader(f) for f in sorted(set(paths.values()))}
+            self._reader_of = {key: readers[f] for key, f in paths.items()}
         else:
             found = sorted(folder.glob("*.safetensors"))
             if not found:
                 raise ConfigError(f"model folder {folder} has no safetensors weights (sharded start-up reads "
                                   "safetensors only; convert .bin checkpoints with save_pretrained first)")
-            files = {}
-            for f in found:
-                with safe_open(str(f), framework="pt") as handle:
-                    files.update({key: f for key in handle.keys()})
-        self._handles = {f: safe_open(str(f), framework="pt") for f in sorted(set(files.values()))}
-        self.file_of = files
+            self._reader_of = {key: reader for reader in map(Reader, found) for key in reader.keys()}
 
     def keys(self) -> list[str]:
-        return list(self.file_of)
+        return list(self._reader_of)
 
     def shape(self, key: str) -> tuple[int, ...]:
-        return tuple(self._handles[self.file_of[key]].get_slice(key).get_shape())
+        return self._reader_of[key].shape(key)
 
-    def read_flat(self, key: str, start: int, stop: int) -> torch.Tensor:
-        """Elements ``[start, stop)`` of the flattened tensor ``key``, reading only the rows
-        (slices of dim 0) that hold them."""
-        piece = self._handles[self.file_of[key]].get_slice(key)
-        shape = tuple(piece.get_shape())
-        if len(shape) == 0:
-            return piece[...].reshape(-1)[start:stop]
-        row = math.prod(shape[1:])
-        if row == 0:
-            return torch.empty(0)
-        first, last = start // row, -(-stop // row)
-        rows = piece[first:last].reshape(-1)
-        return rows[start - first * row : stop - first * row]
+    def read_into(self, key: str, start: int, out: torch.Tensor) -> None:
+        """Elements ``[start, start + out.numel())`` of the flattened tensor ``key`` into the
+        flat tensor ``out``, reading only their bytes."""
+        self._reader_of[key].read_into(key, start, out)
 
 
 # A place a tensor lives in a module: (the module, its attribute name).
@@ -199,7 +188,7 @@ def load_into(model: nn.Module, sources: dict[tuple[int, str], str], files: Safe
             if files.shape(key) != full_shape(t):
                 raise ConfigError(f"checkpoint tensor {key} has shape {files.shape(key)}, the model's {name} "
                                   f"{full_shape(t)}")
-            local.copy_(files.read_flat(key, offset, offset + local.numel()))
+            files.read_into(key, offset, local)
             continue
         made = adapters.get((id(module), attr))
         if made is not None:
@@ -211,22 +200,26 @@ def load_into(model: nn.Module, sources: dict[tuple[int, str], str], files: Safe
 
 @dataclass(frozen=True)
 class Entry:
-    """One tensor of an export: its key on disk, where it lives, and its size in bytes."""
+    """One tensor of an export: its key on disk, where it lives, and the shape and dtype it is
+    written with (what the placement's ``gather_tensor`` returns for it)."""
 
     key: str
     slot: Slot
-    nbytes: int
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * self.dtype.itemsize
 
 
-def export_entries(model: nn.Module, sources: dict[tuple[int, str], str]) -> list[Entry]:
+def export_entries(model: nn.Module, sources: dict[tuple[int, str], str],
+                   dtype_of: Callable[[Slot], torch.dtype]) -> list[Entry]:
     """The tensors an export writes, each once, under the key it was loaded from: what the
     model's own ``save_pretrained`` writes (a tied parameter once, non-persistent buffers
-    never)."""
-    out = []
-    for _, slot, t, key in slot_keys(model, sources):
-        if key is not None:
-            out.append(Entry(key, slot, math.prod(full_shape(t)) * t.element_size()))
-    return out
+    never). ``dtype_of``: the dtype the placement gathers a tensor in (``gathered_dtype``)."""
+    return [Entry(key, slot, full_shape(t), dtype_of(slot)) for _, slot, t, key in slot_keys(model, sources)
+            if key is not None]
 
 
 def owners(entries: list[Entry], world: int) -> list[int]:
@@ -252,20 +245,25 @@ def file_names(owner_of: list[int]) -> dict[int, str]:
 def write_shards(entries: list[Entry], gather: Callable[[Slot], torch.Tensor], folder: Path, *, rank: int,
                  world: int) -> dict[str, str]:
     """Gather every entry in order (collective: ``gather`` returns the whole tensor on every
-    rank), keep the ones this rank owns on the host and write them as this rank's file in
-    ``folder``. Returns the index's weight map (the same on every rank)."""
-    from safetensors.torch import save_file
+    rank) and write the ones this rank owns into its file in ``folder`` as they come: the file's
+    header is laid out from the entries' shapes first, so no rank keeps more than the tensor in
+    hand. Returns the index's weight map (the same on every rank)."""
+    from contextlib import nullcontext
+
+    from mezo_dist.safetensors_io import Writer
 
     owner_of = owners(entries, world)
     names = file_names(owner_of)
-    mine: dict[str, torch.Tensor] = {}
-    for entry, owner in zip(entries, owner_of):
-        full = gather(entry.slot)
-        if owner == rank:
-            mine[entry.key] = full.detach().to("cpu", copy=True).contiguous()
-        del full
+    writer = nullcontext()
     if rank in names:
-        save_file(mine, str(folder / names[rank]), metadata={"format": "pt"})
+        specs = {e.key: (e.shape, e.dtype) for e, owner in zip(entries, owner_of) if owner == rank}
+        writer = Writer(folder / names[rank], specs, metadata={"format": "pt"})
+    with writer:
+        for entry, owner in zip(entries, owner_of):
+            full = gather(entry.slot)
+            if owner == rank:
+                writer.write(entry.key, full)
+            del full
     return {entry.key: names[owner] for entry, owner in zip(entries, owner_of)}
 
 

@@ -30,8 +30,8 @@ The model of memory is deliberately simple, a sum of named terms per rank (bytes
   a masked (Sparse MeZO) pass hold one 4 MiB block of z
   (``mezo_dist.zo.noise.BLOCK`` fp32 elements), which is what the estimate counts: an upper bound.
 * host memory outside the step (a second table): what start-up, the final export and a training
-  checkpoint hold in host memory per rank, with today's code and as the target once start-up and
-  export read and write per-rank slices (see :func:`host_io`).
+  checkpoint hold in host memory per rank (see :func:`host_io`): every rank reads and writes its
+  own part, one tensor in flight.
 * runtime: ``--runtime_overhead_gb`` per rank (0 by default). On a GPU the CUDA context and the
   allocator's slack come on top; on a CPU the Python/torch process itself costs a few hundred MB,
   which the measured resident set includes (tests/distributed/test_plan_memory.py measures it).
@@ -155,9 +155,22 @@ def local_numel(shape: ModelShape, backend: str, n: int) -> int:
         return shape.params
     if not shape.tensors:
         return math.ceil(shape.params / n)
+    return sum(_piece(s, backend, n) * c for s, c in shape.tensors)
+
+
+def largest_piece(shape: ModelShape, backend: str, n: int) -> int:
+    """Elements of the largest piece of one tensor that one of ``n`` ranks stores."""
+    if backend == "single" or n == 1:
+        return shape.largest_param
+    if not shape.tensors:
+        return math.ceil(shape.largest_param / n)
+    return max(_piece(s, backend, n) for s, _ in shape.tensors)
+
+
+def _piece(s: tuple[int, ...], backend: str, n: int) -> int:
     if backend == "fsdp":
-        return sum(-(-(s[0] if s else 1) // n) * math.prod(s[1:]) * c for s, c in shape.tensors)
-    return sum(-(-math.prod(s) // n) * c for s, c in shape.tensors)
+        return -(-(s[0] if s else 1) // n) * math.prod(s[1:])
+    return -(-math.prod(s) // n)
 
 
 def persistent_numel(shape: ModelShape) -> int:
@@ -222,54 +235,58 @@ def min_gpus(shape: ModelShape, method: str, backend: str, s: Setting, gpu_bytes
 
 @dataclass(frozen=True)
 class HostIO:
-    """Host bytes per rank outside the step, the largest over the ranks named.
-
-    ``startup_main``/``startup_other`` and ``export_main``/``export_other`` are today's code on
-    rank 0 and on every other rank; ``checkpoint`` a training checkpoint (already per rank);
-    ``sharded`` the target once start-up and export read and write only each rank's slices."""
+    """Host bytes per rank outside the step: at start-up, at the final export and at a training
+    checkpoint. Every rank alike (rank 0 also writes the index, config and tokenizer: kilobytes)."""
 
     backend: str
-    startup_main: int
-    startup_other: int
-    export_main: int
-    export_other: int
+    startup: int
+    export: int
     checkpoint: int
-    sharded: int
 
 
-def host_io(shape: ModelShape, backend: str, s: Setting) -> HostIO:
-    """Host memory per rank at start-up, at the final export and at a checkpoint.
+def host_io(shape: ModelShape, backend: str, s: Setting, *, on_cpu: bool = False) -> HostIO:
+    """Host memory per rank at start-up, at the final export and at a checkpoint, as the code
+    does them (mezo_dist.hf_shards, mezo_dist.export, mezo_dist.checkpoint).
 
-    Today (mezo_dist.placement, mezo_dist.export):
-    * fsdp start-up: rank 0 loads the whole pretrained model on the host (``from_pretrained``;
-      in the checkpoint's own dtype transformers memory-maps the files, so these are file pages
-      read as the weights go out; converted to another dtype they are allocated) and broadcasts
-      it tensor by tensor (``set_model_state_dict(broadcast_from_rank0=True)``: every rank holds
-      one whole tensor on its device at a time and keeps its rows). Other ranks: nothing.
-    * zero3 start-up: transformers builds the model under ``deepspeed.zero.Init`` (partitioned as
-      each module is made) and rank 0 alone opens every checkpoint file (memory-mapped; the other
-      ranks read shapes only, on the meta device); each module is gathered on every rank's device
-      and rank 0 copies the values in. So rank 0 reads the whole model through the page cache.
-    * export (``final/``), both engines: every parameter is gathered whole on every rank's device,
-      one at a time, and rank 0 keeps a host copy of each: the whole model, then written to
-      safetensors from those tensors (no second copy).
-    * a training checkpoint: every rank copies its own pieces to the host and writes them; under
-      ZeRO-3 rank 0 also writes the persistent (replicated) parameters.
-    Target after per-rank slice I/O (torch.distributed.checkpoint's Hugging Face reader and
-    writer): the rank's shard staged on the host plus one whole block in flight.
+    * fsdp, zero3 start-up: the model is built on meta (FSDP2) or partitioned as it is made
+      (ZeRO-3), then every rank reads its own elements of each tensor from the safetensors with
+      plain reads: into its shard where that is host memory of the file's dtype, else through a
+      host buffer of its piece of one tensor (counted here always: an upper bound). ZeRO-3's
+      ``zero.Init`` makes each parameter whole for a moment before it keeps its partition: device
+      memory on a GPU, one more tensor of host memory on a CPU.
+    * export: one tensor at a time is gathered whole (on the device) and its owner writes it at
+      once from a host copy: the largest tensor. On a CPU the gather's output and the copy the
+      engine makes of it (FSDP2's unpadded result, ZeRO-3's clone) are both host memory: twice.
+    * a training checkpoint: each rank writes its own pieces one at a time from a host copy (on a
+      CPU from the piece itself).
+    * single: every process loads the whole model on the host (``from_pretrained``); rank 0
+      exports from a host copy of the whole state dict.
 
-    Parameter offload adds its partitions (the ``host`` column of :func:`estimate`) throughout;
-    ``s.runtime_overhead_bytes`` is added to every figure.
+    ``on_cpu``: ranks on CPUs, whose parameters (the ``parameters`` of :func:`estimate`: the
+    shard, and ZeRO-3's persistent parameters) are host memory throughout, so every figure
+    includes them. Parameter offload adds its partitions (the ``host`` column of
+    :func:`estimate`) throughout; ``s.runtime_overhead_bytes`` is added to every figure.
+
+    Against the aim of a shard plus one block per rank: twice the largest tensor (the embeddings)
+    is under one block from OPT-66B up (0.91 and 0.68 of a block for 66B and 175B); in smaller
+    models the embeddings outweigh a block. tests/distributed/test_host_memory.py measures these
+    figures on CPU ranks.
     """
     w = BYTES[s.dtype]
-    whole = shape.params * w
-    base = estimate(shape, "mezo", backend, s).host + s.runtime_overhead_bytes
-    if backend == "single":  # every process holds a replica; rank 0 writes exports and checkpoints
-        return HostIO(backend, whole + base, whole + base, whole + base, base, whole + base, whole + base)
-    shard = local_numel(shape, backend, shard_group(backend, s)) * w
-    persistent = persistent_numel(shape) * w if backend.startswith("zero3") else 0
-    return HostIO(backend, whole + base, base, whole + base, base, shard + persistent + base,
-                  shard + shape.block_params * w + base)
+    e = estimate(shape, "mezo", backend, s)
+    base = e.host + s.runtime_overhead_bytes
+    largest = shape.largest_param * w
+    if backend == "single":
+        whole = shape.params * w
+        return HostIO(backend, whole + base, whole * (2 if on_cpu else 1) + base,
+                      (whole if on_cpu else largest) + base)
+    held = e.parameters if on_cpu else 0
+    piece = largest_piece(shape, backend, shard_group(backend, s)) * w
+    # zero.Init makes each parameter whole before it keeps its partition (before anything is
+    # read): on a CPU that tensor is host memory for a moment.
+    made = largest if on_cpu and backend.startswith("zero3") else 0
+    return HostIO(backend, held + max(piece, made) + base, held + largest * (2 if on_cpu else 1) + base,
+                  held + (0 if on_cpu else piece) + base)
 
 
 def _gib(x: int) -> str:
@@ -293,15 +310,14 @@ def report(shape: ModelShape, s: Setting, gpu_bytes: int) -> str:
                 f"{_gib(e.optimizer)} {_gib(e.gradients)} {_gib(e.total)} {_gib(e.host)} "
                 f"{'yes' if e.total <= gpu_bytes else 'no':>8} {need if need is not None else '-':>8}"
             )
-    io_cols = ("backend", "start r0", "start rest", "export r0", "export rest", "checkpoint", "sharded")
-    io = ["", "Host memory per rank outside the step, GiB: start-up and final export with today's code (rank 0, "
-          "the other ranks), a training checkpoint, and 'sharded': the target once start-up and export read and "
-          "write only each rank's slices (a shard plus one block):",
+    io_cols = ("backend", "start-up", "export", "checkpoint")
+    io = ["", "Host memory per rank outside the step, GiB (every rank alike: each reads and writes only its own "
+          "part, one tensor in flight). On GPU ranks; on CPU ranks the parameters, and the tensor an export "
+          "gathers, are host memory too.",
           f"{io_cols[0]:<14}" + "".join(f"{c:>12}" for c in io_cols[1:])]
     for backend in BACKENDS:
         h = host_io(shape, backend, s)
-        figures = (h.startup_main, h.startup_other, h.export_main, h.export_other, h.checkpoint, h.sharded)
-        io.append(f"{backend:<14}" + "".join(f"{x / GiB:12.2f}" for x in figures))
+        io.append(f"{backend:<14}" + "".join(f"{x / GiB:12.2f}" for x in (h.startup, h.export, h.checkpoint)))
     return head + "\n".join(rows + io)
 
 

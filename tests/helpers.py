@@ -85,6 +85,34 @@ def rank_pids(launcher_pid: int) -> dict[int, int]:
     return found
 
 
+def export_files(folder: Path) -> dict[str, Path]:
+    """Every tensor key of a Hugging Face export -> the safetensors file holding it (its one file,
+    or the files its index names)."""
+    import json
+
+    from safetensors import safe_open
+
+    index = Path(folder) / "model.safetensors.index.json"
+    if index.exists():
+        return {k: Path(folder) / f for k, f in json.loads(index.read_text())["weight_map"].items()}
+    with safe_open(str(Path(folder) / "model.safetensors"), framework="pt") as f:
+        return {k: Path(folder) / "model.safetensors" for k in f.keys()}
+
+
+def assert_same_export(got: Path, want: Path, *, what: str = "") -> None:
+    """The two exports hold the same keys and, bit for bit, the same values and dtypes; read one
+    tensor at a time, so large exports are never held whole."""
+    import torch
+    from safetensors import safe_open
+
+    a, b = export_files(got), export_files(want)
+    assert sorted(a) == sorted(b), f"{what}: keys differ: {sorted(set(a) ^ set(b))[:10]}"
+    for key in b:
+        with safe_open(str(a[key]), framework="pt") as fa, safe_open(str(b[key]), framework="pt") as fb:
+            x, y = fa.get_tensor(key), fb.get_tensor(key)
+        assert x.dtype == y.dtype and torch.equal(x, y), f"{what}: {key} differs"
+
+
 LAUNCHERS = {
     "python": lambda port: [sys.executable],
     "torchrun": lambda port: [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",

@@ -159,6 +159,13 @@ class Placement(ABC):
         t = module._parameters.get(attr)
         return t if t is not None else module._buffers[attr]
 
+    def gathered_dtype(self, slot: tuple[nn.Module, str]) -> torch.dtype:
+        """The dtype :meth:`gather_tensor` returns for ``slot``, known without gathering (an
+        export lays out its files before it gathers anything)."""
+        module, attr = slot
+        t = module._parameters.get(attr)
+        return (t if t is not None else module._buffers[attr]).dtype
+
     @abstractmethod
     def full_state_dict(self) -> dict[str, torch.Tensor] | None:
         """Gather the whole model: a CPU state dict on rank 0, ``None`` elsewhere. Collective."""

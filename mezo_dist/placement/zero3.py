@@ -189,6 +189,14 @@ class Zero3Placement(Placement):
         with deepspeed.zero.GatheredParameters([t], modifier_rank=None):
             return t.data.clone()
 
+    def gathered_dtype(self, slot: tuple[nn.Module, str]) -> torch.dtype:
+        # With masters, what MeZO edits (and gather_tensor returns) of a trainable parameter is
+        # its fp32 master, not the engine's bf16/fp16 storage.
+        p = slot[0]._parameters.get(slot[1])
+        if self.masters is not None and p is not None and p.requires_grad:
+            return torch.float32
+        return super().gathered_dtype(slot)
+
     @torch.no_grad()
     def full_state_dict(self) -> dict[str, torch.Tensor] | None:
         import deepspeed
@@ -263,11 +271,10 @@ def build_zero3(
     seed on every rank; ``deepspeed.initialize`` then partitions them like every other parameter.
     """
     import deepspeed
-    from transformers.initialization import no_init_weights
     from transformers.integrations import HfDeepSpeedConfig
 
     from mezo_dist import hf_shards
-    from mezo_dist.models import apply_lora, auto_class, load_config
+    from mezo_dist.models import apply_lora, load_config
     from mezo_dist.placement.deepspeed_config import fill_ds_config
 
     hidden = getattr(load_config(name_or_path, trust_remote_code=trust_remote_code), "hidden_size", None)
@@ -278,10 +285,7 @@ def build_zero3(
     folder = hf_shards.resolve_folder(name_or_path)
     files = hf_shards.SafetensorsFolder(folder)
     config = load_config(str(folder), trust_remote_code=trust_remote_code)
-    # Built from the config: zero.Init partitions each module as it is made (transformers enters
-    # it for a ZeRO-3 config); no weights are initialised, they are read next.
-    with no_init_weights():
-        model = auto_class(config).from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
+    model = _partitioned_from_config(config, cfg, dtype=dtype, trust_remote_code=trust_remote_code)
     model.tie_weights()
     model.eval()  # as from_pretrained returns it: no dropout in a forward before training
     sources = hf_shards.slots_of(model, hf_shards.checkpoint_keys(model, files))
@@ -303,6 +307,29 @@ def build_zero3(
     placement._hf_ds_config = hf_ds
     placement.checkpoint_sources = sources
     return placement
+
+
+def _partitioned_from_config(config: Any, ds_config: dict, *, dtype: torch.dtype, trust_remote_code: bool) -> nn.Module:
+    """The model of ``config``, partitioned by ``zero.Init`` as each module is made, its weights
+    left unset (they are read next).
+
+    The contexts are the ones transformers enters itself for a ZeRO-3 ``from_config``, entered
+    here so that it does not: inside its own, once the model is built, it gathers every module
+    in turn and initialises its weights at random on rank 0 (``initialize_weights_zero3``), i.e.
+    the whole model passes through every rank once, a module at a time, only to be overwritten.
+    """
+    import deepspeed
+    from transformers.initialization import no_init_weights
+    from transformers.integrations.deepspeed import prevent_arange_dtype_change
+    from transformers.modeling_utils import set_zero3_state
+
+    from mezo_dist.models import auto_class
+
+    # The order is transformers' own (PreTrainedModel.get_init_context): the arange fix before
+    # zero.Init, and set_zero3_state last, which tells from_config that zero.Init is entered.
+    with no_init_weights(), prevent_arange_dtype_change(), deepspeed.zero.Init(config_dict_or_path=ds_config), \
+            set_zero3_state():
+        return auto_class(config).from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
 
 
 def _held_partition(t: torch.Tensor) -> tuple[torch.Tensor, int] | None:

@@ -144,34 +144,63 @@ def test_rademacher_is_balanced_and_independent():
     assert abs((pairs[:, 0] * pairs[:, 1]).mean().item()) < 5 * se * math.sqrt(2)
 
 
-def test_graphs_stay_few_over_a_model_and_many_steps():
-    from torch._dynamo.utils import counters
-
+def test_kernels_stay_few_over_a_model_and_many_steps():
     # Pieces of a small model under 1, 2 and 3 ranks: every size, offset and key of the run.
     shapes = {"emb": 5000 * 64, "q": 64 * 64, "norm": 64, "bias": 3, "up": 64 * 176}
     params = {k: torch.randn(n) for k, n in shapes.items()}
     pieces = [p for world in (1, 2, 3) for k, v in params.items() for p in shards(v, k, world)]
     passes.run_pass(pieces, 0, passes.Affine(1e-3), kind="gaussian", kernel="compiled", scratch=passes.Scratch())
-    graphs = counters["stats"]["unique_graphs"]
+    variants = set(compiled.loaded_variants())
+    packages = sorted(compiled.cache_dir().glob("*.pt2"))
     for step in range(1, 6):
         for a in (1e-3, -2e-3):
             passes.run_pass(pieces, noise.step_seed(0, step), passes.Affine(a), kind="gaussian", kernel="compiled",
                             scratch=passes.Scratch())
         passes.run_pass(pieces, noise.step_seed(0, step), passes.Affine(1e-3, 0.99, -1e-4), kind="gaussian",
                         kernel="compiled", scratch=passes.Scratch())
-    assert counters["stats"]["unique_graphs"] == graphs, "a step recompiled the kernel"
+    # Two kernels serve every piece, offset, key and step of an fp32 Gaussian run (other tests
+    # of this process may have loaded others).
+    assert {(v.whole, v.update) for v in variants if v.kind == "gaussian" and v.dtypes == (torch.float32,)} == \
+        {(True, False), (False, False)}
+    assert set(compiled.loaded_variants()) == variants, "a step needed another kernel"
+    assert sorted(compiled.cache_dir().glob("*.pt2")) == packages, "a step compiled a kernel"
 
 
-def test_a_failed_compile_names_the_way_out(monkeypatch):
-    from torch._dynamo.exc import BackendCompilerFailed
+def test_a_failed_compile_names_the_way_out(monkeypatch, tmp_path):
+    def broken(_program, package_path, **_kw):
+        with open(package_path, "wb") as f:  # dies halfway through writing its package
+            f.write(b"PK\x03\x04")
+        raise RuntimeError("CppCompileError: no C++ compiler\nand the rest of its log")
 
-    def broken(*_args):
-        raise BackendCompilerFailed(lambda: None, RuntimeError("no C++ compiler"), None)
-
-    monkeypatch.setattr(compiled, "_COMPILED", broken)
+    monkeypatch.setenv("MEZO_DIST_CACHE", str(tmp_path))  # a cold cache, so the kernel must be built
+    monkeypatch.setattr(compiled, "_LOADED", {})
+    monkeypatch.setattr(torch._inductor, "aoti_compile_and_package", broken)
     with pytest.raises(TrainingError, match="--zo_kernel blocks") as info:
         compiled.draw(KEY, 0, 10)
-    assert "\n" not in str(info.value)
+    assert "\n" not in str(info.value) and "no C++ compiler" in str(info.value)
+    assert not list(tmp_path.rglob("*.pt2")), "a failed build left a package behind"
+
+
+def test_a_cached_kernel_loads_in_a_new_process_without_compiling(tmp_path):
+    import subprocess
+    import sys
+    import textwrap
+
+    # A new process with the cache this session filled: it loads the packages instead of
+    # building them (a build would write new files and take tens of seconds).
+    compiled.draw(KEY, 0, 5000)  # both kernels of the Gaussian stream are in the cache now
+    before = {p: p.stat().st_mtime_ns for p in compiled.cache_dir().glob("*.pt2")}
+    code = textwrap.dedent(f"""
+        import time, numpy as np
+        from mezo_dist.zo import compiled, hashz
+        t = time.perf_counter()
+        z = compiled.draw({KEY}, 3, 5000)
+        assert np.array_equal(z.numpy(), hashz.reference({KEY}, 3, 5000))
+        print(time.perf_counter() - t)
+    """)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=True)
+    assert float(out.stdout.split()[-1]) < 10.0, out.stdout  # a load, not a compile
+    assert {p: p.stat().st_mtime_ns for p in compiled.cache_dir().glob("*.pt2")} == before
 
 
 def test_stream_names_round_trip():
