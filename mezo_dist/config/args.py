@@ -180,7 +180,7 @@ class ZOArguments:
     zo_kernel: str = field(
         default="auto",
         metadata={"help": "How z is drawn and applied: auto (= compiled, on every device), compiled (z a hash of "
-                  "each element's index, drawn and applied by one torch.compile kernel; needs a C++ compiler on CPU, "
+                  "each element's index, drawn and applied by one compiled kernel, cached on disk; needs a C++ compiler on CPU, "
                   "triton on CUDA), blocks (the first release's block stream, no compiler) or triton (Philox; needs "
                   "CUDA, or TRITON_INTERPRET=1). The three streams differ; a run replays on the one it used."},
     )
