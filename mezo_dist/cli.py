@@ -90,6 +90,11 @@ def run_on_ranks(body: Callable[[Any], int], **init_kwargs: Any) -> int:
     clean = False
     try:
         state = init_distributed(**init_kwargs)
+        # No rank writes to the output folder before every rank has checked it (preflight runs
+        # before the group): a fresh rendezvous already waits for all of them, but a group the
+        # caller started does not, and a slow rank would find the fast one's first files there
+        # and refuse the folder as "already holds a run" while the fast one waits in a collective.
+        state.barrier()
         quiet_other_ranks(state)
         code = body(state)
         clean = True

@@ -162,17 +162,21 @@ class RankPool:
                 pending.discard(rank)
                 ok, value = got
                 if not ok:
-                    self._fail(value, pending, what)
+                    self._fail(value, pending, what, done={r: results[r] for r in range(self.world)
+                                                           if r not in pending and r != rank})
                 results[rank] = value
             if pending and time.monotonic() > deadline:
                 self.close(kill=True)
                 raise RankFailed(f"ranks {sorted(pending)} did not finish {what} within {timeout:.0f} s")
         return results
 
-    def _fail(self, first: str, others: set[int], what: str, *, wait_s: float = 10.0) -> None:
+    def _fail(self, first: str, others: set[int], what: str, *, done: dict[int, Any] | None = None,
+              wait_s: float = 10.0) -> None:
         """End the pool and raise with every rank's failure: the first one seen is often a peer's
-        "connection closed", while the cause is in the traceback of the rank that failed first."""
-        reports = [first]
+        "connection closed", while the cause is in the traceback of the rank that failed first, or
+        in what a rank that had already returned said (an exit code and its stderr, when it left
+        the collectives early)."""
+        reports = [first] + [f"rank {r} had returned: {str(v)[-2000:]}" for r, v in sorted((done or {}).items())]
         deadline = time.monotonic() + wait_s
         others = set(others)
         while others and time.monotonic() < deadline:
