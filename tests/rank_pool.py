@@ -167,7 +167,9 @@ class RankPool:
                 results[rank] = value
             if pending and time.monotonic() > deadline:
                 self.close(kill=True)
-                raise RankFailed(f"ranks {sorted(pending)} did not finish {what} within {timeout:.0f} s")
+                returned = "".join(f"\nrank {r} had returned: {str(results[r])[-2000:]}"
+                                   for r in range(self.world) if r not in pending)
+                raise RankFailed(f"ranks {sorted(pending)} did not finish {what} within {timeout:.0f} s{returned}")
         return results
 
     def _fail(self, first: str, others: set[int], what: str, *, done: dict[int, Any] | None = None,
