@@ -162,23 +162,20 @@ class RankPool:
                 pending.discard(rank)
                 ok, value = got
                 if not ok:
-                    self._fail(value, pending, what, done={r: results[r] for r in range(self.world)
-                                                           if r not in pending and r != rank})
+                    self._fail(value, pending, what, returned=_returned(results, self.world, pending | {rank}))
                 results[rank] = value
             if pending and time.monotonic() > deadline:
                 self.close(kill=True)
-                returned = "".join(f"\nrank {r} had returned: {str(results[r])[-2000:]}"
-                                   for r in range(self.world) if r not in pending)
-                raise RankFailed(f"ranks {sorted(pending)} did not finish {what} within {timeout:.0f} s{returned}")
+                raise RankFailed("\n".join([f"ranks {sorted(pending)} did not finish {what} within {timeout:.0f} s",
+                                             *_returned(results, self.world, pending)]))
         return results
 
-    def _fail(self, first: str, others: set[int], what: str, *, done: dict[int, Any] | None = None,
-              wait_s: float = 10.0) -> None:
+    def _fail(self, first: str, others: set[int], what: str, *, returned: list[str], wait_s: float = 10.0) -> None:
         """End the pool and raise with every rank's failure: the first one seen is often a peer's
         "connection closed", while the cause is in the traceback of the rank that failed first, or
         in what a rank that had already returned said (an exit code and its stderr, when it left
         the collectives early)."""
-        reports = [first] + [f"rank {r} had returned: {str(v)[-2000:]}" for r, v in sorted((done or {}).items())]
+        reports = [first, *returned]
         deadline = time.monotonic() + wait_s
         others = set(others)
         while others and time.monotonic() < deadline:
@@ -214,6 +211,12 @@ class RankPool:
         self._procs, self._conns = [], []
         if self._port is not None:
             _remove_shm_segments(self._port)
+
+
+def _returned(results: list[Any], world: int, unfinished: set[int]) -> list[str]:
+    """What the ranks that had already answered said (for a training run: its exit code and
+    output), the clue when one of them left the collectives early."""
+    return [f"rank {r} had returned: {str(results[r])[-2000:]}" for r in range(world) if r not in unfinished]
 
 
 def _remove_shm_segments(port: int) -> None:

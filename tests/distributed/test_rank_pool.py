@@ -43,7 +43,7 @@ def test_a_late_rank_in_a_caller_started_group_does_not_find_the_early_ranks_fil
     """The start-up checks run before the group; a launcher's rendezvous then waits for every
     rank, but a group the caller started does not. Without the barrier after it, rank 0 would
     write the output folder's first files while rank 1 still checks the folder, rank 1 would
-    refuse it as "already holds a run", and rank 0 would wait in the step's all-reduce."""
+    refuse it as "already holds a run", and rank 0 would wait in its first collective."""
     argv = ["--model_name_or_path", str(tiny_models["opt"]), "--train_file", str(text_file),
             "--output_dir", str(tmp_path / "out"), "--max_steps", "2", "--per_device_train_batch_size", "2",
             "--max_length", "32", "--backend", "fsdp", "--disable_tqdm", "--report_to", "tensorboard"]
